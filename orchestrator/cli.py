@@ -1,0 +1,228 @@
+"""The `ptutils` command.
+
+Exit codes: 0 success; 1 the run failed (the reason is stored on the session);
+2 bad input (config, arguments) — nothing was stored or queued; 3 the store or broker
+could not be reached.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ptutils.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DataError,
+    PtutilsError,
+    SessionExists,
+    SessionNotFound,
+    StoreError,
+    StoreUnavailable,
+)
+
+STORE_HELP = ("Where runs are stored: a folder (embedded store, default ./ptutils-runs) or a "
+              "mongodb:// URL. Falls back to $PTUTILS_STORE.")
+
+
+def store_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Attach `--store` (envvar PTUTILS_STORE) to a command."""
+    return click.option("--store", "store_url", envvar="PTUTILS_STORE", default=None,
+                        metavar="PATH|URL", help=STORE_HELP)(fn)
+
+
+def open_store_or_fail(url: str | None) -> Any:
+    from ptutils.store import open_store
+
+    try:
+        return open_store(url)
+    except StoreError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from exc
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ptutils errors into one clear paragraph and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ConfigError, DataError, SessionExists, SessionNotFound) as exc:
+            _fail(exc, 2)
+        except (StoreUnavailable, BrokerUnavailable) as exc:
+            _fail(exc, 3)
+        except PtutilsError as exc:
+            _fail(exc, 1)
+
+    return wrapper
+
+
+def _fail(exc: Exception, code: int) -> None:
+    click.secho(f"error: {exc}", fg="red", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="ptutils")
+def main(verbose: int) -> None:
+    """ptutils: run PyTorch experiments locally or on a Celery cluster, resume them exactly.
+
+    \b
+    Quick start (no servers needed):
+      ptutils run examples/digits_mlp.yaml            train, checkpoint, evaluate
+      ptutils run examples/digits_mlp.yaml --resume   continue after an interruption
+      ptutils stats digits_mlp --plot loss.png        look at the curves
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set model.optimizer.lr=0.05 (repeatable; "
+                   "values are parsed as YAML: 3, 0.1, true, [64, 64]).")
+@click.option("--name", default=None,
+              help="Session name (default: the config's `name:` or the file name).")
+@store_option
+@click.option("--resume", is_flag=True,
+              help="Continue the session with this name from its latest checkpoint.")
+@click.option("--force", is_flag=True,
+              help="Delete an existing session with this name and start over.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@handle_errors
+def run(config: str, overrides: tuple[str, ...], name: str | None, store_url: str | None,
+        resume: bool, force: bool, quiet: bool) -> None:
+    """Train CONFIG in this process, against the embedded store (or any --store).
+
+    Runs the session's plan: Train chunks of `session.chunk_steps` steps, each ending in a
+    checkpoint, with Eval every `session.eval_every` steps and retention applied. A run
+    stopped at any point (Ctrl-C, kill, power loss) continues with --resume and ends
+    bit-identical to an uninterrupted one. See docs/config.md for every config key.
+    """
+    from ptutils.runner import load_experiment, prepare_session, run_session
+
+    if not os.path.exists(config):
+        raise click.BadParameter(f"no such file: {config} (from {os.getcwd()})",
+                                 param_hint="CONFIG")
+    cfg = load_experiment(config, overrides)
+    name = name or cfg.get("name") or os.path.splitext(os.path.basename(config))[0]
+    store = open_store_or_fail(store_url)
+    if force and not resume:
+        try:
+            store.delete_session(store.get_session(name)["_id"])
+        except SessionNotFound:
+            pass
+    doc, warm = prepare_session(store, cfg, name, resume=resume)
+    if doc["status"] == "completed":
+        click.echo(f"session {name} is already complete (step {doc['step']}).")
+        from ptutils.runner import summarize
+
+        _print_summary(summarize(store, doc["_id"]))
+        return
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    from orchestrator.progress import TrainProgress
+
+    with TrainProgress(doc, enabled=not quiet) as bar:
+        summary = run_session(store, doc, warm=warm, progress=bar.update, stop_flag=stop)
+    if stop.is_set() and summary.status != "completed":
+        click.echo(f"stopped at step {summary.step}; continue with: ptutils run {config} "
+                   f"--name {name} --resume" + (f" --store {store_url}" if store_url else ""))
+        sys.exit(130)
+    _print_summary(summary)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping at the next step; checkpointing (Ctrl-C again to abort)", err=True)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_summary(summary: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"session {summary.name}", show_header=False)
+    table.add_row("id", summary.session_id)
+    table.add_row("status", summary.status)
+    table.add_row("step", f"{summary.step}/{summary.total_steps}")
+    if summary.train_loss is not None:
+        table.add_row("final train loss", f"{summary.train_loss:.4f}")
+    for k, v in sorted(summary.eval_metrics.items()):
+        table.add_row(f"eval {k}", f"{v:.4f}")
+    table.add_row("wall time", f"{summary.wall_time:.1f} s")
+    if summary.checkpoint:
+        table.add_row("checkpoint", f"step {summary.checkpoint['step']} "
+                      f"({summary.checkpoint['kind']}) in {summary.store}")
+    Console().print(table)
+
+
+@main.command()
+@click.argument("session")
+@click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="File to write (a plain torch state_dict).")
+@store_option
+@handle_errors
+def export(session: str, step: int | None, output: str, store_url: str | None) -> None:
+    """Write SESSION's network weights as a plain state_dict .pt file.
+
+    The file is readable outside ptutils with torch.load(FILE, weights_only=True).
+    SESSION is a name or an id.
+    """
+    from ptutils.runner import export_state_dict
+
+    store = open_store_or_fail(store_url)
+    ckpt = export_state_dict(store, session, step, output)
+    click.echo(f"wrote {output} (step {ckpt['step']})")
+
+
+@main.command()
+@click.argument("sessions", nargs=-1, required=True)
+@click.option("--name", "names", multiple=True, help="Statistic names (default: all).")
+@click.option("--phase", type=click.Choice(["train", "eval"]), default=None)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG plot of the curves instead of printing a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the points as JSON.")
+@store_option
+@handle_errors
+def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
+          plot: str | None, as_json: bool, store_url: str | None) -> None:
+    """Statistics of one or more sessions (names or ids): a table, JSON, or a plot."""
+    from orchestrator.stats import print_stats
+
+    store = open_store_or_fail(store_url)
+    print_stats(store, list(sessions), names=list(names), phase=phase, plot=plot,
+                as_json=as_json)
+
+
+def _register_cluster_commands() -> None:
+    try:
+        from orchestrator import cluster_cli
+    except ImportError:
+        return
+    cluster_cli.register(main)
+
+
+_register_cluster_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

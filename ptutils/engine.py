@@ -1,0 +1,363 @@
+"""The task bodies: Train[s, s+K), Eval(n), Save(n) against a Store (DESIGN §6).
+
+`ptutils run` calls them in-process; Celery workers call the very same methods. Each
+is fenced (it acts only if the session is at the step and token it was issued for)
+and idempotent (a stale or duplicate delivery is a logged no-op).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptutils import registry
+from ptutils.errors import PtutilsError, StoreError
+from ptutils.plan import next_tasks, pending_eval_steps, plan_of
+from ptutils.protocol import EVAL, SAVE, TRAIN, Task
+from ptutils.rng import get_rng_state, set_rng_state
+from ptutils.session import Session, apply_determinism
+from ptutils.state import Statistic
+from ptutils.store.base import CheckpointKind, SessionStatus, StatPoint, Store, new_id
+
+log = logging.getLogger("ptutils.engine")
+
+ProgressFn = Callable[[str, int, float], None]
+"""progress(session_id, step, loss), called at every log interval."""
+
+
+@dataclass
+class Outcome:
+    """What a task did: `ran` False for a fenced no-op; successors to enqueue."""
+
+    task: Task
+    ran: bool
+    reason: str = "ok"
+    step: int | None = None
+    successors: list[Task] = field(default_factory=list)
+    retry_after: float | None = None
+    failed: bool = False
+
+
+@dataclass
+class _Warm:
+    session_id: str
+    config_hash: str
+    step: int
+    session: Session
+    rng: dict[str, Any]
+
+
+class Engine:
+    """Runs tasks of any session against one Store, keeping the last session warm."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        worker: str = "local",
+        lease_ttl: float = 60.0,
+        progress: ProgressFn | None = None,
+        stop_flag: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.worker = worker
+        self.lease_ttl = lease_ttl
+        self.progress = progress
+        self.stop_flag = stop_flag or threading.Event()
+        self._warm: _Warm | None = None
+
+    def adopt(self, doc: dict[str, Any], session: Session, rng: dict[str, Any]) -> None:
+        """Use an already built session (at its doc's step) as the warm one."""
+        self._warm = _Warm(doc["_id"], doc["config_hash"], int(doc["step"]), session, rng)
+
+    # --- dispatch -------------------------------------------------------------------
+    def run(self, task: Task) -> Outcome:
+        handler = {TRAIN: self.train, EVAL: self.eval, SAVE: self.save}[task.kind]
+        return handler(task)
+
+    # --- Train ----------------------------------------------------------------------
+    def train(self, task: Task) -> Outcome:
+        """Train[start, stop): lease, load, run, checkpoint, CAS, successors."""
+        doc = self.store.get_session(task.session)
+        stale = self._fence(doc, task)
+        if stale:
+            log.info("%s: skipped (%s)", task, stale)
+            return Outcome(task, False, stale)
+        plan = plan_of(doc)
+        if doc.get("attempts", 0) >= plan.max_attempts:
+            return self._fail(doc, task, PtutilsError(
+                f"Train[{task.start},{task.stop}) was started {doc['attempts']} times and never "
+                f"finished (session.max_attempts={plan.max_attempts}): its worker keeps dying "
+                "(out of memory? a crash in native code?). See the worker logs."))
+        leased = self.store.acquire_lease(task.session, task.token, self.worker, self.lease_ttl)
+        if leased is None:
+            return Outcome(task, False, "lease held by another worker")
+        doc = self.store.cas_session(
+            task.session, {"token": task.token, "lease.worker": self.worker},
+            {"attempts": int(doc.get("attempts", 0)) + 1, "status": str(SessionStatus.RUNNING)})
+        if doc is None:
+            return Outcome(task, False, "lost the session while starting")
+        with _Heartbeat(self.store, task.session, self.worker, self.lease_ttl) as hb:
+            try:
+                return self._train_leased(doc, task, hb)
+            except StoreError:
+                self._release(task)
+                raise
+            except PtutilsError as exc:
+                return self._fail(doc, task, exc)
+            except Exception as exc:  # noqa: BLE001 - recorded on the session, worker stays up
+                return self._fail(doc, task, exc)
+
+    def _fence(self, doc: dict[str, Any], task: Task) -> str | None:
+        if SessionStatus(doc["status"]).finished:
+            return f"session is {doc['status']}"
+        if doc["status"] == str(SessionStatus.PAUSED):
+            return "session is paused"
+        if int(doc["step"]) != task.start or doc["token"] != task.token:
+            return f"stale: session is at step {doc['step']}, task was for {task.start}"
+        return None
+
+    def _train_leased(self, doc: dict[str, Any], task: Task, hb: _Heartbeat) -> Outcome:
+        session = self._session_at(doc, task.start)
+        wait = self._deliver_evals(doc, session, task.start)
+        if wait is not None:
+            self._release(task)
+            return Outcome(task, False, f"waiting for Eval({wait})", retry_after=1.0)
+        self.store.delete_statistics(task.session, after_step=task.start)
+        reason = session.callbacks.stop_reason
+        if reason:
+            return self._finish_early(doc, task, session, reason)
+        apply_determinism(session.plan)
+        progress = None
+        if self.progress is not None:
+            sid = task.session
+            progress = lambda step, loss: self.progress(sid, step, loss)  # noqa: E731
+        reached, stats = session.trainer.run(
+            task.start, task.stop, callbacks=session.callbacks, history=session.history,
+            stop_flag=_Either(self.stop_flag, hb.stop), progress=progress)
+        if hb.lost:
+            self._warm = None
+            return Outcome(task, False, "lease lost during the chunk; work discarded")
+        session.step = reached
+        if reached == task.start:
+            self._release(task)
+            self._remember(doc, session)
+            return Outcome(task, False, "stopped before the first step", step=reached,
+                           successors=[task])
+        session.callbacks.fire("on_chunk_end", reached)
+        self._write_stats(task.session, stats)
+        total = session.plan.total_steps
+        kind = (CheckpointKind.FINAL if reached == total else
+                CheckpointKind.CHUNK if reached == task.stop else CheckpointKind.PREEMPT)
+        self.store.put_checkpoint(task.session, reached, str(kind), session.state_dict(),
+                                  metrics={"loss": session.history.last("loss")})
+        done = reached >= total
+        new = self.store.cas_session(
+            task.session, {"step": task.start, "token": task.token, "lease.worker": self.worker},
+            {"step": reached, "token": new_id(), "lease": None, "attempts": 0,
+             "checkpoint": {"step": reached, "kind": str(kind)},
+             "status": str(SessionStatus.COMPLETED if done else SessionStatus.RUNNING)})
+        if new is None:
+            self._warm = None
+            return Outcome(task, False, "fenced out at commit (another worker took over)")
+        self._remember(new, session)
+        return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
+
+    def _session_at(self, doc: dict[str, Any], step: int) -> Session:
+        """The session's modules at `step`: the warm ones, or rebuilt and restored."""
+        warm = self._warm
+        if (warm is not None and warm.session_id == doc["_id"]
+                and warm.config_hash == doc["config_hash"] and warm.step == step):
+            set_rng_state(warm.rng)
+            return warm.session
+        self._warm = None
+        session = build_session(doc["config"])
+        if step > 0 or doc.get("checkpoint"):
+            ckpt = self.store.get_checkpoint(doc["_id"], step)
+            state = self.store.load_state(ckpt)
+            session.load_state_dict(state)
+            _check_torch_version(state, doc)
+        return session
+
+    def _remember(self, doc: dict[str, Any], session: Session) -> None:
+        self._warm = _Warm(doc["_id"], doc["config_hash"], session.step, session,
+                           get_rng_state())
+
+    def _deliver_evals(self, doc: dict[str, Any], session: Session, start: int) -> int | None:
+        """Feed due eval results to the callbacks in step order; a step still missing."""
+        for n in pending_eval_steps(doc, start):
+            if n <= session.evals_seen:
+                continue
+            points = self.store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)
+            if not points:
+                return n
+            session.callbacks.fire("on_eval_end", n, {p["name"]: p["value"] for p in points})
+            session.evals_seen = n
+        return None
+
+    def _finish_early(self, doc: dict[str, Any], task: Task, session: Session,
+                      reason: str) -> Outcome:
+        new = self.store.cas_session(
+            task.session, {"token": task.token, "lease.worker": self.worker},
+            {"status": str(SessionStatus.COMPLETED), "lease": None, "token": new_id(),
+             "meta.stopped": reason})
+        self._warm = None
+        log.info("%s: %s", task, reason)
+        return Outcome(task, new is not None, reason, step=task.start)
+
+    def _write_stats(self, session_id: str, stats: list[Statistic]) -> None:
+        points = [StatPoint(s.phase, s.step, s.name, s.value, s.time) for s in stats]
+        self.store.write_statistics(session_id, points)
+
+    def _release(self, task: Task) -> None:
+        try:
+            self.store.release_lease(task.session, self.worker)
+        except StoreError:
+            log.warning("could not release the lease of %s", task.session)
+
+    def _fail(self, doc: dict[str, Any], task: Task, exc: BaseException) -> Outcome:
+        """Record the error on the session (status failed) instead of crashing in a loop."""
+        self._warm = None
+        message = f"{type(exc).__name__}: {exc}"
+        tb = "".join(traceback.format_exception(exc))
+        log.error("%s failed: %s", task, message)
+        self.store.cas_session(
+            task.session, {"token": task.token},
+            {"status": str(SessionStatus.FAILED), "lease": None,
+             "error": {"message": message, "type": type(exc).__name__, "traceback": tb,
+                       "task": str(task), "worker": self.worker, "time": time.time()}})
+        return Outcome(task, False, message, failed=True)
+
+    # --- Eval -----------------------------------------------------------------------
+    def eval(self, task: Task) -> Outcome:
+        """Eval(n): metrics of the checkpoint at n, as eval statistics; idempotent."""
+        doc = self.store.get_session(task.session)
+        done = self.store.query_statistics(task.session, phase="eval", step_min=task.step,
+                                           step_max=task.step)
+        if done:
+            return Outcome(task, False, "already evaluated", step=task.step)
+        saved_rng = get_rng_state()
+        try:
+            metrics = self._evaluate(doc, task.step)
+        except PtutilsError as exc:
+            return self._fail(doc, task, exc)
+        finally:
+            set_rng_state(saved_rng)
+        now = time.time()
+        self.store.write_statistics(
+            task.session, [StatPoint("eval", task.step, k, v, now) for k, v in metrics.items()])
+        for ckpt in self.store.list_checkpoints(task.session):
+            if ckpt["step"] == task.step:
+                self.store.update_checkpoint(task.session, task.step, ckpt["kind"],
+                                             {"metrics": {**ckpt.get("metrics", {}), **metrics}})
+        return Outcome(task, True, "ok", step=task.step)
+
+    def _evaluate(self, doc: dict[str, Any], step: int) -> dict[str, float]:
+        warm = self._warm
+        if warm is not None and warm.session_id == doc["_id"] and warm.step == step:
+            session = warm.session
+        else:
+            session = build_session(doc["config"])
+            session.load_state_dict(self.store.load_state(self.store.get_checkpoint(doc["_id"], step)))
+        return session.evaluator.evaluate(session.model, session.data)
+
+    # --- Save -----------------------------------------------------------------------
+    def save(self, task: Task) -> Outcome:
+        """Save(n): mark best/final checkpoints, apply retention, delete dropped blobs."""
+        doc = self.store.get_session(task.session)
+        plan = plan_of(doc)
+        keep = retained_steps(doc, self.store.list_checkpoints(task.session), plan)
+        dropped = 0
+        for ckpt in self.store.list_checkpoints(task.session):
+            if (ckpt["step"], ckpt["kind"]) not in keep:
+                self.store.delete_checkpoint(task.session, ckpt["step"], ckpt["kind"])
+                dropped += 1
+        return Outcome(task, True, f"kept {len(keep)}, dropped {dropped}", step=task.step)
+
+
+def retained_steps(doc: dict[str, Any], ckpts: list[dict[str, Any]], plan: Any) -> set[tuple[int, str]]:
+    """(step, kind) of the checkpoints retention keeps (pure function of the store)."""
+    r = plan.retention
+    current = int(doc["step"])
+    live = [c for c in ckpts if c["step"] <= current]
+    steps = sorted({c["step"] for c in live})
+    keep_steps = set(steps[-max(r.keep_last, 1):])
+    keep_steps.add(current)
+    if r.keep_every:
+        keep_steps.update(s for s in steps if s % r.keep_every == 0)
+    for c in live:
+        if plan.eval_due(c["step"]) and not c.get("metrics", {}).keys() - {"loss"}:
+            keep_steps.add(c["step"])  # not evaluated yet: the Eval task still needs it
+    if r.best_metric:
+        scored = [c for c in live if r.best_metric in c.get("metrics", {})]
+        if scored:
+            pick = max if r.best_mode == "max" else min
+            keep_steps.add(pick(scored, key=lambda c: c["metrics"][r.best_metric])["step"])
+    keep: set[tuple[int, str]] = set()
+    for c in live:
+        if c["step"] in keep_steps and (c["kind"] != str(CheckpointKind.PREEMPT) or c["step"] == current):
+            keep.add((c["step"], c["kind"]))
+        if c["kind"] == str(CheckpointKind.FINAL):
+            keep.add((c["step"], c["kind"]))
+    return keep
+
+
+def build_session(config: dict[str, Any]) -> Session:
+    """Build a Session from a stored config (imports allowed first)."""
+    imports = config.get("imports") or []
+    if imports:
+        registry.allow_imports(imports)
+    return Session.create(config)
+
+
+def _check_torch_version(state: dict[str, Any], doc: dict[str, Any]) -> None:
+    import torch
+
+    saved = state.get("torch_version")
+    if saved and saved != torch.__version__:
+        log.warning("session %s was checkpointed with torch %s; this worker has %s: results "
+                    "may differ bit-wise", doc.get("name"), saved, torch.__version__)
+
+
+class _Heartbeat:
+    """Renews the lease every ttl/3 in a thread; a lost lease stops the chunk."""
+
+    def __init__(self, store: Store, session_id: str, worker: str, ttl: float) -> None:
+        self.store, self.session_id, self.worker, self.ttl = store, session_id, worker, ttl
+        self.stop = threading.Event()
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="ptutils-heartbeat")
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.ttl / 3):
+            try:
+                if not self.store.renew_lease(self.session_id, self.worker, self.ttl):
+                    self.lost = True
+                    self.stop.set()
+                    return
+            except Exception:  # noqa: BLE001 - a transient store error: try again next beat
+                log.warning("lease renewal of %s failed; retrying", self.session_id)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+class _Either:
+    """Set when either event is set (preemption, or a lost lease)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()

@@ -1,0 +1,162 @@
+"""`ptutils run`: execute a session's plan in-process against a store (DESIGN §6, last line).
+
+The same Engine task bodies the Celery workers run, called one after another:
+Train[s, s+K) -> Eval(s+K) when due -> Save(s+K) -> Train[s+K, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptutils.config import apply_overrides, config_hash, load_config
+from ptutils.engine import Engine, ProgressFn, build_session
+from ptutils.errors import ConfigError, PtutilsError, SessionExists, SessionNotFound, TrainingError
+from ptutils.plan import train_task
+from ptutils.rng import get_rng_state
+from ptutils.session import Session
+from ptutils.store.base import SessionStatus, Store, new_session_doc
+
+log = logging.getLogger("ptutils.runner")
+
+
+def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a config file, apply `a.b=value` overrides, and make `imports:` paths absolute."""
+    cfg = apply_overrides(load_config(path), list(overrides))
+    base = Path(path).resolve().parent
+    imports = cfg.get("imports") or []
+    if not isinstance(imports, list):
+        raise ConfigError(f"{path}: imports: must be a list of module names or .py paths")
+    cfg["imports"] = [
+        str((base / i).resolve()) if str(i).endswith(".py") and not os.path.isabs(str(i)) else i
+        for i in imports
+    ]
+    if not cfg["imports"]:
+        del cfg["imports"]
+    return cfg
+
+
+def validate(config: Mapping[str, Any]) -> Session:
+    """Build the session dry on CPU: a bad config fails here, before anything is stored."""
+    session = build_session(dict(config))
+    session.check_shapes()
+    return session
+
+
+class TrainingFailed(TrainingError):
+    """A session ended failed; the message is the one recorded in the store."""
+
+
+@dataclass
+class Summary:
+    """What a finished run reports."""
+
+    session_id: str
+    name: str
+    status: str
+    step: int
+    total_steps: int
+    wall_time: float
+    train_loss: float | None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    store: str = ""
+
+
+def prepare_session(
+    store: Store, config: dict[str, Any], name: str, *, resume: bool = False
+) -> tuple[dict[str, Any], Session | None]:
+    """The session document to run (created, or found for --resume) and a dry-built Session."""
+    chash = config_hash(config)
+    try:
+        doc = store.get_session(name)
+    except SessionNotFound:
+        doc = None
+    if doc is not None and not resume:
+        raise SessionExists(
+            f"a session named {name!r} already exists in {store.url} (status {doc['status']}, "
+            f"step {doc['step']}/{doc['total_steps']}). Resume it with `ptutils run CONFIG "
+            f"--name {name} --resume`, or start a new one with `--name NEW_NAME`.")
+    if doc is not None:
+        if doc["config_hash"] != chash:
+            raise ConfigError(
+                f"--resume: the config differs from the one session {name!r} was started with "
+                f"(hash {doc['config_hash']} vs {chash}). Resume with the original config "
+                "and overrides, or start a new session with `--name NEW_NAME`.")
+        if doc["status"] in (str(SessionStatus.FAILED), str(SessionStatus.CANCELLED),
+                             str(SessionStatus.PAUSED)):
+            doc = store.cas_session(doc["_id"], {"token": doc["token"]},
+                                    {"status": str(SessionStatus.RUNNING), "attempts": 0,
+                                     "error": None, "lease": None}) or store.get_session(name)
+        return doc, None
+    session = validate(config)
+    import torch
+
+    doc = new_session_doc(name, config, chash, session.plan.total_steps,
+                          tags=config.get("tags") or [], status=SessionStatus.RUNNING,
+                          meta={"torch": torch.__version__, "threads": session.plan.threads})
+    return store.create_session(doc), session
+
+
+def run_session(
+    store: Store,
+    doc: dict[str, Any],
+    *,
+    warm: Session | None = None,
+    progress: ProgressFn | None = None,
+    stop_flag: threading.Event | None = None,
+) -> Summary:
+    """Run every task of the plan until the session is finished (or stopped)."""
+    engine = Engine(store, worker=f"local-{os.getpid()}", progress=progress, stop_flag=stop_flag)
+    if warm is not None and doc["step"] == 0 and not doc.get("checkpoint"):
+        engine.adopt(doc, warm, get_rng_state())
+    started = time.time()
+    queue = deque(t for t in [train_task(doc)] if t is not None)
+    while queue:
+        task = queue.popleft()
+        outcome = engine.run(task)
+        if outcome.failed:
+            err = store.get_session(doc["_id"]).get("error") or {}
+            raise TrainingFailed(err.get("message", outcome.reason))
+        if stop_flag is not None and stop_flag.is_set():
+            break
+        queue.extend(outcome.successors)
+    return summarize(store, doc["_id"], time.time() - started)
+
+
+def summarize(store: Store, session_id: str, wall: float = 0.0) -> Summary:
+    doc = store.get_session(session_id)
+    losses = store.query_statistics(session_id, name="loss", phase="train",
+                                    step_min=max(0, doc["step"] - 10))
+    evals = store.query_statistics(session_id, phase="eval")
+    last_eval: dict[str, float] = {}
+    if evals:
+        top = max(p["step"] for p in evals)
+        last_eval = {p["name"]: p["value"] for p in evals if p["step"] == top}
+    return Summary(doc["_id"], doc["name"], doc["status"], doc["step"], doc["total_steps"], wall,
+                   losses[-1]["value"] if losses else None, last_eval, doc.get("checkpoint"),
+                   store.url)
+
+
+def export_state_dict(store: Store, ref: str, step: int | None, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the network's plain state_dict for `torch.load(path, weights_only=True)`."""
+    import torch
+
+    doc = store.get_session(ref)
+    ckpt = store.get_checkpoint(doc["_id"], step)
+    state = store.load_state(ckpt)
+    try:
+        weights = state["trainer"]["model"]["network"]
+    except (KeyError, TypeError) as exc:
+        raise PtutilsError(f"checkpoint at step {ckpt['step']} holds no network state") from exc
+    tmp = Path(f"{os.fspath(path)}.tmp")
+    torch.save({k: v.clone() for k, v in weights.items()}, tmp)
+    os.replace(tmp, path)
+    return ckpt

@@ -1,0 +1,315 @@
+"""The Store interface: where sessions, checkpoints and statistics live.
+
+Two backends implement it: `LocalStore` (a folder with SQLite + segment files) and
+`MongoStore` (MongoDB collections + a GridFS bucket). The same contract tests run
+against both (tests/test_store_contract.py).
+
+Contract
+--------
+Sessions
+  * A session document is a plain dict (see `SESSION_FIELDS`). `_id` is a string.
+  * `create_session` fails with `SessionExists` when the name is taken.
+  * `cas_session(id, expect, update)` applies `update` (a dict of top-level fields,
+    dotted keys allowed for `lease.*`) only if every `expect` field equals the stored
+    value; it returns the updated document, or None when the expectation failed.
+    This is the fencing primitive: every task expects `step` and `token`.
+  * Leases: `acquire_lease` succeeds when the session token matches and the lease is
+    free, expired, or already held by the same worker; `renew_lease` only for the
+    holder; `release_lease` only for the holder. Times are UNIX seconds (float) from
+    the caller's clock (`now=`), so tests can drive expiry.
+
+Checkpoints
+  * `put_checkpoint` encodes the State (ptutils.codec), writes every segment that the
+    store does not already hold (content addressed: a segment is named by its hash and
+    written once), verifies what it wrote (length + checksum), and only then inserts
+    the checkpoint document. A crash at any point leaves no visible checkpoint, or a
+    complete one. Unique on (session, step, kind): writing it again replaces the
+    manifest idempotently.
+  * `load_state` reads segments, verifies each checksum, and raises
+    `CheckpointCorrupt` naming session, step and segment on any mismatch.
+  * `delete_checkpoint` is two-phase and idempotent: mark the document deleting,
+    delete segments no other checkpoint references, delete the document. Deleting
+    something already gone is success. A segment referenced by another checkpoint is
+    never deleted.
+
+Statistics
+  * Points are `(phase, step, name, value)` with a time. Writes are batched and
+    idempotent on (session, phase, step, name): writing a point again overwrites it.
+  * `delete_statistics(session, after_step=s)` removes points with step > s (used when
+    a chunk restarts from s, so a lost attempt's points are replaced, not duplicated).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class SessionStatus(str, Enum):
+    """Lifecycle of a stored session; serializes as its value."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        return self in (SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED)
+
+
+class CheckpointKind(str, Enum):
+    """Why a checkpoint was written."""
+
+    CHUNK = "chunk"
+    PREEMPT = "preempt"
+    BEST = "best"
+    FINAL = "final"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SESSION_FIELDS = (
+    "_id", "name", "config", "config_hash", "status", "step", "total_steps", "token",
+    "lease", "checkpoint", "attempts", "error", "created", "updated", "tags", "sweep",
+    "meta",
+)
+"""Top-level fields of a session document. `lease` is {"worker", "expires"} or None;
+`checkpoint` is {"step", "kind"} of the latest complete checkpoint or None."""
+
+
+def new_id() -> str:
+    """A fresh session or token id (32 hex chars)."""
+    return uuid.uuid4().hex
+
+
+def new_session_doc(
+    name: str,
+    config: dict[str, Any],
+    config_hash: str,
+    total_steps: int,
+    *,
+    tags: Sequence[str] = (),
+    sweep: str | None = None,
+    status: SessionStatus = SessionStatus.QUEUED,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A session document ready for `Store.create_session`."""
+    now = time.time()
+    return {
+        "_id": new_id(),
+        "name": name,
+        "config": config,
+        "config_hash": config_hash,
+        "status": str(status),
+        "step": 0,
+        "total_steps": int(total_steps),
+        "token": new_id(),
+        "lease": None,
+        "checkpoint": None,
+        "attempts": 0,
+        "error": None,
+        "created": now,
+        "updated": now,
+        "tags": list(tags),
+        "sweep": sweep,
+        "meta": dict(meta or {}),
+    }
+
+
+@dataclass(frozen=True)
+class StatPoint:
+    """One statistic value of a session at a step."""
+
+    phase: str
+    step: int
+    name: str
+    value: float
+    time: float = field(default_factory=time.time)
+
+
+class Store(abc.ABC):
+    """Sessions, checkpoints and statistics. Backends: local folder, MongoDB."""
+
+    url: str  # how the store was opened, with any password removed
+
+    # --- sessions -------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_session(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Insert a new session document; `SessionExists` if its name is taken."""
+
+    @abc.abstractmethod
+    def get_session(self, ref: str) -> dict[str, Any]:
+        """The session with this id or name; `SessionNotFound` otherwise."""
+
+    @abc.abstractmethod
+    def find_sessions(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        sweep: str | None = None,
+        tag: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Sessions matching every given filter, oldest first."""
+
+    @abc.abstractmethod
+    def cas_session(
+        self, session_id: str, expect: dict[str, Any], update: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Set `update` if all `expect` fields match; the new doc, or None if they did not.
+
+        `updated` is set to the current time on success. Dotted keys in `update`
+        (`lease.expires`) set nested fields.
+        """
+
+    @abc.abstractmethod
+    def delete_session(self, session_id: str) -> None:
+        """Remove a session, its checkpoints, unreferenced segments and statistics."""
+
+    def acquire_lease(
+        self, session_id: str, token: str, worker: str, ttl: float, *, now: float | None = None
+    ) -> dict[str, Any] | None:
+        """Take the lease for `worker` if the token matches and the lease is free or expired."""
+        now = time.time() if now is None else now
+        doc = self.get_session(session_id)
+        if doc.get("token") != token:
+            return None
+        lease = doc.get("lease")
+        if lease and lease.get("worker") != worker and float(lease.get("expires", 0)) > now:
+            return None
+        return self.cas_session(
+            session_id,
+            {"token": token, "lease": lease},
+            {"lease": {"worker": worker, "expires": now + ttl}},
+        )
+
+    def renew_lease(
+        self, session_id: str, worker: str, ttl: float, *, now: float | None = None
+    ) -> bool:
+        """Extend the lease held by `worker`; False if it no longer holds it."""
+        now = time.time() if now is None else now
+        return (
+            self.cas_session(
+                session_id, {"lease.worker": worker}, {"lease.expires": now + ttl}
+            )
+            is not None
+        )
+
+    def release_lease(self, session_id: str, worker: str) -> bool:
+        """Drop the lease held by `worker`; False if it did not hold it."""
+        return self.cas_session(session_id, {"lease.worker": worker}, {"lease": None}) is not None
+
+    # --- checkpoints ----------------------------------------------------------------
+    @abc.abstractmethod
+    def put_checkpoint(
+        self,
+        session_id: str,
+        step: int,
+        kind: str,
+        state: Any,
+        *,
+        metrics: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Write segments (new ones only), verify, then insert the checkpoint document.
+
+        Returns the checkpoint document, which includes `bytes_written` (bytes of new
+        segments this call stored) and `size` (total bytes of the state's segments).
+        """
+
+    @abc.abstractmethod
+    def get_checkpoint(
+        self, session_id: str, step: int | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint at `step` (latest if None), of `kind` if given.
+
+        Documents being deleted are never returned. `CheckpointNotFound` otherwise.
+        """
+
+    @abc.abstractmethod
+    def list_checkpoints(self, session_id: str) -> list[dict[str, Any]]:
+        """Complete checkpoints of a session, by step then kind."""
+
+    @abc.abstractmethod
+    def load_state(self, checkpoint: dict[str, Any]) -> Any:
+        """Decode the State of a checkpoint document; `CheckpointCorrupt` on bad data."""
+
+    @abc.abstractmethod
+    def update_checkpoint(
+        self, session_id: str, step: int, kind: str, update: dict[str, Any]
+    ) -> None:
+        """Set fields (metrics, kind tags) on an existing checkpoint document."""
+
+    @abc.abstractmethod
+    def delete_checkpoint(self, session_id: str, step: int, kind: str) -> None:
+        """Two-phase, idempotent delete; shared segments survive."""
+
+    def load_latest_state(
+        self, session_id: str, *, max_step: int | None = None
+    ) -> tuple[dict[str, Any], Any] | None:
+        """(checkpoint, state) of the newest checkpoint that decodes, newest first.
+
+        A corrupt checkpoint is skipped (falls back to the previous complete one).
+        None if there is none.
+        """
+        from ptutils.errors import CheckpointCorrupt
+
+        cands = [
+            c for c in self.list_checkpoints(session_id)
+            if max_step is None or c["step"] <= max_step
+        ]
+        cands.sort(key=lambda c: (c["step"], c.get("created", 0)), reverse=True)
+        last_error: Exception | None = None
+        for ckpt in cands:
+            try:
+                return ckpt, self.load_state(ckpt)
+            except CheckpointCorrupt as exc:
+                last_error = exc
+                continue
+        if last_error is not None:
+            raise last_error
+        return None
+
+    # --- statistics -----------------------------------------------------------------
+    @abc.abstractmethod
+    def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:
+        """Upsert points idempotently on (session, phase, step, name); returns count."""
+
+    @abc.abstractmethod
+    def delete_statistics(self, session_id: str, *, after_step: int) -> int:
+        """Remove points with step > after_step; returns how many."""
+
+    @abc.abstractmethod
+    def query_statistics(
+        self,
+        session_id: str | Sequence[str] | None = None,
+        *,
+        name: str | None = None,
+        phase: str | None = None,
+        step_min: int | None = None,
+        step_max: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Points as dicts {session, phase, step, name, value, time}, by session, step, name."""
+
+    # --- lifecycle ------------------------------------------------------------------
+    def close(self) -> None:
+        """Release connections and files."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def iter_sessions(self) -> Iterator[dict[str, Any]]:
+        yield from self.find_sessions()

@@ -1,0 +1,1 @@
+"""Fixtures that start real servers on free loopback ports (filled in by the store/worker work)."""
