@@ -72,6 +72,7 @@ def _record_init(init: Any) -> Any:
         if outer:
             try:
                 bound = sig.bind(self, *args, **kwargs)
+                bound.apply_defaults()
             except TypeError:
                 bound = None
             recorded: dict[str, Any] = {}

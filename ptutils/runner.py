@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -90,6 +91,13 @@ def prepare_session(
                 f"--resume: the config differs from the one session {name!r} was started with "
                 f"(hash {doc['config_hash']} vs {chash}). Resume with the original config "
                 "and overrides, or start a new session with `--name NEW_NAME`.")
+        lease = doc.get("lease")
+        if lease and not lease_is_dead(lease):
+            raise SessionExists(
+                f"session {name!r} is running right now ({lease['worker']} holds its lease). "
+                "Wait for it, or stop that process first.")
+        if lease:
+            doc = store.cas_session(doc["_id"], {"token": doc["token"]}, {"lease": None}) or doc
         if doc["status"] in (str(SessionStatus.FAILED), str(SessionStatus.CANCELLED),
                              str(SessionStatus.PAUSED)):
             doc = store.cas_session(doc["_id"], {"token": doc["token"]},
@@ -105,6 +113,26 @@ def prepare_session(
     return store.create_session(doc), session
 
 
+def local_worker_id() -> str:
+    """`local:HOST:PID`: lets a later --resume on this host see that the process is gone."""
+    return f"local:{socket.gethostname()}:{os.getpid()}"
+
+
+def lease_is_dead(lease: Mapping[str, Any], now: float | None = None) -> bool:
+    """True if the lease expired, or its holder is a local process of this host that died."""
+    if float(lease.get("expires", 0)) <= (time.time() if now is None else now):
+        return True
+    parts = str(lease.get("worker", "")).split(":")
+    if len(parts) == 3 and parts[0] == "local" and parts[1] == socket.gethostname():
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+    return False
+
+
 def run_session(
     store: Store,
     doc: dict[str, Any],
@@ -114,7 +142,7 @@ def run_session(
     stop_flag: threading.Event | None = None,
 ) -> Summary:
     """Run every task of the plan until the session is finished (or stopped)."""
-    engine = Engine(store, worker=f"local-{os.getpid()}", progress=progress, stop_flag=stop_flag)
+    engine = Engine(store, worker=local_worker_id(), progress=progress, stop_flag=stop_flag)
     if warm is not None and doc["step"] == 0 and not doc.get("checkpoint"):
         engine.adopt(doc, warm, get_rng_state())
     started = time.time()
@@ -127,6 +155,10 @@ def run_session(
             raise TrainingFailed(err.get("message", outcome.reason))
         if stop_flag is not None and stop_flag.is_set():
             break
+        if task.kind == "train" and not outcome.ran and not outcome.successors:
+            doc_now = store.get_session(doc["_id"])
+            if not SessionStatus(doc_now["status"]).finished:
+                raise PtutilsError(f"{task} did not run: {outcome.reason}")
         queue.extend(outcome.successors)
     return summarize(store, doc["_id"], time.time() - started)
 

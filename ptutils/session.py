@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ptutils.callbacks import BestCheckpoint, Callbacks, NanDetector
+from ptutils.callbacks import Callbacks, NanDetector
 from ptutils.config import check_keys
 from ptutils.data import DataProvider
 from ptutils.errors import ConfigError, DataError

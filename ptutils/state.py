@@ -7,7 +7,7 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
@@ -42,7 +42,7 @@ class State(dict):
         return {k: v.to_dict() if isinstance(v, State) else v for k, v in self.items()}
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """What a Module is doing now."""
 
     CONFIGURED = "configured"
@@ -111,7 +111,7 @@ class History:
 
     def truncate(self, step: int) -> None:
         """Drop entries after `step` (a resumed run replays them)."""
-        for key, (steps, values) in list(self._series.items()):
+        for _key, (steps, values) in list(self._series.items()):
             keep = sum(1 for s in steps if s <= step)
             del steps[keep:]
             del values[keep:]

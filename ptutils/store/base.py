@@ -46,11 +46,11 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class SessionStatus(str, Enum):
+class SessionStatus(StrEnum):
     """Lifecycle of a stored session; serializes as its value."""
 
     QUEUED = "queued"
@@ -68,7 +68,7 @@ class SessionStatus(str, Enum):
         return self in (SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED)
 
 
-class CheckpointKind(str, Enum):
+class CheckpointKind(StrEnum):
     """Why a checkpoint was written."""
 
     CHUNK = "chunk"

@@ -1,0 +1,151 @@
+"""Tensors and numpy arrays as flat byte views, and back again: the codec's raw buffers.
+
+Reading a value gives a `memoryview` on its own memory (no copy unless the tensor is
+non-contiguous, lives on a GPU, or is a lazy conj/neg view). Writing allocates the
+destination once and hands out a writable view of its bytes, so loading costs exactly
+one copy; `view_of` shares an existing buffer instead (zero-copy).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptutils.errors import CodecError
+
+TORCH = "torch"
+NUMPY = "numpy"
+
+_TORCH_DTYPE_NAMES = (
+    "float64", "float32", "float16", "bfloat16",
+    "complex128", "complex64", "complex32",
+    "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
+)  # fmt: skip
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in _TORCH_DTYPE_NAMES
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+"""Tensor dtypes the codec stores, by name (those this torch build has)."""
+
+_TORCH_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+NUMPY_DTYPE = re.compile(r"[<>|][biufc][0-9]{1,2}\Z")
+"""The numpy dtype strings (`dtype.str`) the codec stores: bool, int, uint, float, complex."""
+_NOT_WRITABLE = "The given buffer is not writable"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What to rebuild: a torch tensor or numpy array of this dtype (by name) and shape."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        if self.kind == TORCH:
+            return TORCH_DTYPES[self.dtype].itemsize
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+def is_array(obj: Any) -> bool:
+    """True for the values stored as raw buffers: tensors and plain numpy arrays."""
+    return isinstance(obj, torch.Tensor) or type(obj) is np.ndarray
+
+
+def array_bytes(obj: Any, path: str) -> tuple[ArraySpec, memoryview]:
+    """The spec of `obj` and a flat uint8 view of its bytes (C order)."""
+    if isinstance(obj, torch.Tensor):
+        return _tensor_bytes(obj, path)
+    return _ndarray_bytes(obj, path)
+
+
+def _tensor_bytes(t: torch.Tensor, path: str) -> tuple[ArraySpec, memoryview]:
+    if type(t) not in _PLAIN_TENSORS:
+        raise CodecError(f"cannot encode {path}: tensor subclass {type(t).__qualname__} is not supported")
+    name = _TORCH_NAMES.get(t.dtype)
+    if name is None or t.layout is not torch.strided or t.is_quantized or t.is_nested:
+        raise CodecError(
+            f"cannot encode {path}: tensor of dtype {t.dtype}, layout {t.layout} is not supported "
+            "(dense tensors of plain dtypes only)"
+        )
+    if t.is_meta:
+        raise CodecError(f"cannot encode {path}: a meta tensor has no data")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    flat = t.reshape(-1).view(torch.uint8)
+    return ArraySpec(TORCH, name, tuple(t.shape)), memoryview(flat.numpy())
+
+
+def _ndarray_bytes(a: np.ndarray, path: str) -> tuple[ArraySpec, memoryview]:
+    dtype = a.dtype
+    if not NUMPY_DTYPE.match(dtype.str) or dtype.fields is not None:
+        raise CodecError(
+            f"cannot encode {path}: numpy dtype {dtype} is not supported "
+            "(bool, integer, float and complex only)"
+        )
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")
+    return ArraySpec(NUMPY, dtype.str, tuple(a.shape)), memoryview(a.reshape(-1).view(np.uint8))
+
+
+def spec_from(kind: Any, dtype: Any, shape: Any) -> ArraySpec:
+    """Validate a tensor table entry read from a manifest; CodecError if it is malformed."""
+    if kind == TORCH and dtype not in TORCH_DTYPES:
+        raise CodecError(f"unknown tensor dtype {dtype!r}")
+    if kind == NUMPY and not (isinstance(dtype, str) and NUMPY_DTYPE.match(dtype)):
+        raise CodecError(f"unsupported numpy dtype {dtype!r}")
+    if kind not in (TORCH, NUMPY):
+        raise CodecError(f"unknown array kind {kind!r}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise CodecError(f"malformed shape {shape!r}")
+    return ArraySpec(kind, dtype, tuple(shape))
+
+
+def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
+    """A fresh tensor/array for `spec` and a writable flat view of its bytes."""
+    if spec.kind == TORCH:
+        t = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
+        return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
+    return a, memoryview(a.reshape(-1).view(np.uint8))
+
+
+def view_of(spec: ArraySpec, buffer: memoryview, offset: int) -> Any:
+    """A tensor/array for `spec` sharing `buffer` at `offset` (no copy).
+
+    A read-only buffer gives tensors that must not be written to; torch warns about
+    that on every such view, and the warning is expected here, so it is silenced.
+    """
+    if spec.numel == 0:
+        return allocate(spec)[0]
+    if spec.kind == NUMPY:
+        flat = np.frombuffer(buffer, dtype=np.dtype(spec.dtype), count=spec.numel, offset=offset)
+        return flat.reshape(spec.shape)
+    dtype = TORCH_DTYPES[spec.dtype]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
+        flat = torch.frombuffer(buffer, dtype=dtype, count=spec.numel, offset=offset)
+    return flat.reshape(spec.shape)

@@ -1,0 +1,209 @@
+"""The structure of a State as msgpack: containers and scalars inline, arrays by index.
+
+Plain msgpack types carry None, bool, int (64-bit), float, str, bytes, list and dict.
+The codec's own extension types carry what msgpack cannot tell apart (tuple, torch.Size,
+bytearray), what it cannot hold (ints beyond 64 bits, numpy scalars, torch dtypes and
+devices) and references into the tensor table. Decoding knows these types only: there
+is no way to name a class or a function in a blob, so loading one cannot run code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from ptutils.codec.buffers import NUMPY_DTYPE, is_array
+from ptutils.errors import CodecError
+
+EXT_TUPLE = 1
+EXT_ARRAY = 2
+EXT_SIZE = 3
+EXT_BIGINT = 4
+EXT_BYTEARRAY = 5
+EXT_NPSCALAR = 6
+EXT_DTYPE = 7
+EXT_DEVICE = 8
+
+MAX_DEPTH = 200
+"""Deepest container nesting accepted (keeps encoding and decoding off the C stack's edge)."""
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_ALL_DTYPES = {
+    name: value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
+}
+_DTYPE_NAMES = {value: name for name, value in _ALL_DTYPES.items()}
+_KEY_TYPES = "str, int, float, bool, None, bytes or tuples of those"
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack bytes of an already converted tree."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes | memoryview, ext_hook: Callable[[int, bytes], Any] | None = None) -> Any:
+    """Strict msgpack decoding: str as str, any hashable map key, only the given ext types."""
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=False,  # dict keys may be ints, floats, None, tuples: on purpose
+        use_list=True,
+        ext_hook=ext_hook or _refuse_ext,
+    )
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise CodecError(f"unexpected msgpack extension type {code}")
+
+
+class TreeEncoder:
+    """Converts a State into msgpack bytes, handing every array to `on_array`.
+
+    `on_array(value, path)` stores the array and returns its index in the tensor table.
+    Errors name the path inside the state, e.g. `state['model']['x']`.
+    """
+
+    def __init__(self, on_array: Callable[[Any, str], int]) -> None:
+        self._on_array = on_array
+        self._open: set[int] = set()  # ids of the containers being walked: finds cycles
+
+    def encode(self, state: Any) -> bytes:
+        return pack(self._value(state, "state", 0))
+
+    def _value(self, obj: Any, path: str, depth: int) -> Any:
+        kind = type(obj)
+        if obj is None or kind is bool or kind is float or kind is bytes:
+            return obj
+        if kind is int:
+            return _int(obj)
+        if kind is str:
+            return _str(obj, path)
+        if is_array(obj):
+            return msgpack.ExtType(EXT_ARRAY, self._on_array(obj, path).to_bytes(4, "little"))
+        if isinstance(obj, dict | list | tuple):
+            if depth >= MAX_DEPTH:
+                raise CodecError(f"cannot encode {path}: nested deeper than {MAX_DEPTH} levels")
+            return self._container(obj, path, depth + 1)
+        return _scalar(obj, path)
+
+    def _container(self, obj: dict | list | tuple, path: str, depth: int) -> Any:
+        if id(obj) in self._open:
+            raise CodecError(f"cannot encode {path}: it contains itself (a reference cycle)")
+        self._open.add(id(obj))
+        try:
+            if isinstance(obj, dict):
+                return {
+                    _key(k, path): self._value(v, f"{path}[{k!r}]", depth) for k, v in obj.items()
+                }
+            items = [self._value(v, f"{path}[{i}]", depth) for i, v in enumerate(obj)]
+        finally:
+            self._open.discard(id(obj))
+        if isinstance(obj, torch.Size):
+            return msgpack.ExtType(EXT_SIZE, pack(items))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(EXT_TUPLE, pack(items))
+        return items
+
+
+def _int(value: int) -> Any:
+    if _INT_MIN <= value <= _INT_MAX:
+        return value
+    size = (value.bit_length() + 8) // 8  # room for the sign bit
+    return msgpack.ExtType(EXT_BIGINT, value.to_bytes(size, "big", signed=True))
+
+
+def _str(value: str, path: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CodecError(f"cannot encode {path}: the string is not valid UTF-8 ({exc})") from None
+    return value
+
+
+def _scalar(obj: Any, path: str) -> Any:
+    """Leaf values other than the plain ones; subclasses of str/int/float (str and int
+    Enums) are stored as their plain value, the way json stores them."""
+    if isinstance(obj, np.generic) and np.dtype(obj.dtype).kind in "biufc":
+        return msgpack.ExtType(EXT_NPSCALAR, pack([obj.dtype.str, obj.tobytes()]))
+    if isinstance(obj, str):
+        return _str(str.__str__(obj), path)
+    if isinstance(obj, int):
+        return _int(int(obj))
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, bytearray):
+        return msgpack.ExtType(EXT_BYTEARRAY, bytes(obj))
+    if isinstance(obj, bytes):
+        return bytes(obj)
+    if isinstance(obj, torch.dtype):
+        return msgpack.ExtType(EXT_DTYPE, _DTYPE_NAMES[obj].encode())
+    if isinstance(obj, torch.device):
+        return msgpack.ExtType(EXT_DEVICE, str(obj).encode())
+    raise CodecError(
+        f"cannot encode {path}: values of type {type(obj).__module__}.{type(obj).__qualname__} "
+        "are not supported (a State holds dict, list, tuple, str, bytes, int, float, bool, "
+        "None, torch tensors and numpy arrays)"
+    )
+
+
+def _key(key: Any, path: str) -> Any:
+    if key is None or type(key) in (bool, float, bytes):
+        return key
+    if isinstance(key, str):
+        return _str(str.__str__(key), f"{path} (key {key!r})")
+    if isinstance(key, int):
+        return _int(int(key))
+    if isinstance(key, float):
+        return float(key)
+    if isinstance(key, tuple) and not isinstance(key, torch.Size):
+        return msgpack.ExtType(EXT_TUPLE, pack([_key(k, path) for k in key]))
+    raise CodecError(
+        f"cannot encode {path}: it has a key of type {type(key).__qualname__} ({key!r}); "
+        f"keys must be {_KEY_TYPES}"
+    )
+
+
+def decode_tree(data: bytes, arrays: Sequence[Any]) -> Any:
+    """The State encoded in `data`, with array references resolved from `arrays`."""
+
+    def hook(code: int, payload: bytes) -> Any:
+        if code == EXT_ARRAY and len(payload) == 4:
+            index = int.from_bytes(payload, "little")
+            if index < len(arrays):
+                return arrays[index]
+            raise CodecError(f"the structure refers to tensor #{index}, the table has {len(arrays)}")
+        return _decode_ext(code, payload, hook)
+
+    return unpack(data, hook)
+
+
+def _decode_ext(code: int, payload: bytes, hook: Callable[[int, bytes], Any]) -> Any:
+    if code in (EXT_TUPLE, EXT_SIZE):
+        items = unpack(payload, hook)
+        if not isinstance(items, list):
+            raise CodecError("a tuple in the structure is malformed")
+        return tuple(items) if code == EXT_TUPLE else torch.Size(items)
+    if code == EXT_BIGINT and payload:
+        return int.from_bytes(payload, "big", signed=True)
+    if code == EXT_BYTEARRAY:
+        return bytearray(payload)
+    if code == EXT_NPSCALAR:
+        return _np_scalar(unpack(payload))
+    if code == EXT_DTYPE and payload.decode() in _ALL_DTYPES:
+        return _ALL_DTYPES[payload.decode()]
+    if code == EXT_DEVICE:
+        return torch.device(payload.decode())
+    raise CodecError(f"unknown or malformed msgpack extension type {code} in the structure")
+
+
+def _np_scalar(fields: Any) -> np.generic:
+    dtype, raw = fields if isinstance(fields, list) and len(fields) == 2 else (None, None)
+    if not isinstance(dtype, str) or not isinstance(raw, bytes) or not NUMPY_DTYPE.match(dtype):
+        raise CodecError("a numpy scalar in the structure is malformed")
+    parsed = np.dtype(dtype)
+    if parsed.itemsize != len(raw):
+        raise CodecError(f"a numpy scalar in the structure is malformed (dtype {dtype!r})")
+    return np.frombuffer(raw, dtype=parsed)[0]
