@@ -70,8 +70,10 @@ class Callbacks(Module):
         return next((cb.stop_reason for cb in self._items if cb.stop_reason), None)
 
     def to_config(self) -> dict[str, Any]:
-        return {"type": "ptutils.callbacks.Callbacks",
-                "callbacks": [cb.to_config() for cb in self._items]}
+        return {
+            "type": "ptutils.callbacks.Callbacks",
+            "callbacks": [cb.to_config() for cb in self._items],
+        }
 
 
 class NanDetector(Callback):
@@ -147,8 +149,9 @@ class BestCheckpoint(_MetricWatcher):
 class EarlyStopping(_MetricWatcher):
     """Stop when `metric` has not improved by `min_delta` for `patience` evals."""
 
-    def __init__(self, metric: str, mode: str = "min", patience: int = 3,
-                 min_delta: float = 0.0) -> None:
+    def __init__(
+        self, metric: str, mode: str = "min", patience: int = 3, min_delta: float = 0.0
+    ) -> None:
         super().__init__(metric, mode)
         self.patience = int(patience)
         self.min_delta = float(min_delta)
@@ -169,8 +172,11 @@ class EarlyStopping(_MetricWatcher):
             )
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "bad_evals": self.bad_evals,
-                "stop_reason": self.stop_reason}
+        return {
+            **super().extra_state(),
+            "bad_evals": self.bad_evals,
+            "stop_reason": self.stop_reason,
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)

@@ -135,7 +135,7 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
                 above = ".".join(parts[: i + 1])
                 raise ConfigError(
                     f"override {text!r}: cannot set {'.'.join(parts)} because {above} is "
-                    f"{child!r} (a {type(child).__name__}), not a mapping"
+                    f"{child!r} (type {type(child).__name__}), not a mapping"
                 )
             node = child
         node[parts[-1]] = value
@@ -284,7 +284,7 @@ class Configuration(dict):
         )
 
     def __repr__(self) -> str:
-        return f"Configuration({dict.__repr__(self)})"
+        return f"Configuration({self.to_dict()!r})"
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Configuration:

@@ -90,16 +90,23 @@ class Engine:
             return Outcome(task, False, stale)
         plan = plan_of(doc)
         if doc.get("attempts", 0) >= plan.max_attempts:
-            return self._fail(doc, task, PtutilsError(
-                f"Train[{task.start},{task.stop}) was started {doc['attempts']} times and never "
-                f"finished (session.max_attempts={plan.max_attempts}): its worker keeps dying "
-                "(out of memory? a crash in native code?). See the worker logs."))
+            return self._fail(
+                doc,
+                task,
+                PtutilsError(
+                    f"Train[{task.start},{task.stop}) was started {doc['attempts']} times and never "
+                    f"finished (session.max_attempts={plan.max_attempts}): its worker keeps dying "
+                    "(out of memory? a crash in native code?). See the worker logs."
+                ),
+            )
         leased = self.store.acquire_lease(task.session, task.token, self.worker, self.lease_ttl)
         if leased is None:
             return Outcome(task, False, "lease held by another worker")
         doc = self.store.cas_session(
-            task.session, {"token": task.token, "lease.worker": self.worker},
-            {"attempts": int(doc.get("attempts", 0)) + 1, "status": str(SessionStatus.RUNNING)})
+            task.session,
+            {"token": task.token, "lease.worker": self.worker},
+            {"attempts": int(doc.get("attempts", 0)) + 1, "status": str(SessionStatus.RUNNING)},
+        )
         if doc is None:
             return Outcome(task, False, "lost the session while starting")
         with _Heartbeat(self.store, task.session, self.worker, self.lease_ttl) as hb:
@@ -138,8 +145,13 @@ class Engine:
             sid = task.session
             progress = lambda step, loss: self.progress(sid, step, loss)  # noqa: E731
         reached, stats = session.trainer.run(
-            task.start, task.stop, callbacks=session.callbacks, history=session.history,
-            stop_flag=_Either(self.stop_flag, hb.stop), progress=progress)
+            task.start,
+            task.stop,
+            callbacks=session.callbacks,
+            history=session.history,
+            stop_flag=_Either(self.stop_flag, hb.stop),
+            progress=progress,
+        )
         if hb.lost:
             self._warm = None
             return Outcome(task, False, "lease lost during the chunk; work discarded")
@@ -147,21 +159,39 @@ class Engine:
         if reached == task.start:
             self._release(task)
             self._remember(doc, session)
-            return Outcome(task, False, "stopped before the first step", step=reached,
-                           successors=[task])
+            return Outcome(
+                task, False, "stopped before the first step", step=reached, successors=[task]
+            )
         session.callbacks.fire("on_chunk_end", reached)
         self._write_stats(task.session, stats)
         total = session.plan.total_steps
-        kind = (CheckpointKind.FINAL if reached == total else
-                CheckpointKind.CHUNK if reached == task.stop else CheckpointKind.PREEMPT)
-        self.store.put_checkpoint(task.session, reached, str(kind), session.state_dict(),
-                                  metrics={"loss": session.history.last("loss")})
+        kind = (
+            CheckpointKind.FINAL
+            if reached == total
+            else CheckpointKind.CHUNK
+            if reached == task.stop
+            else CheckpointKind.PREEMPT
+        )
+        self.store.put_checkpoint(
+            task.session,
+            reached,
+            str(kind),
+            session.state_dict(),
+            metrics={"loss": session.history.last("loss")},
+        )
         done = reached >= total
         new = self.store.cas_session(
-            task.session, {"step": task.start, "token": task.token, "lease.worker": self.worker},
-            {"step": reached, "token": new_id(), "lease": None, "attempts": 0,
-             "checkpoint": {"step": reached, "kind": str(kind)},
-             "status": str(SessionStatus.COMPLETED if done else SessionStatus.RUNNING)})
+            task.session,
+            {"step": task.start, "token": task.token, "lease.worker": self.worker},
+            {
+                "step": reached,
+                "token": new_id(),
+                "lease": None,
+                "attempts": 0,
+                "checkpoint": {"step": reached, "kind": str(kind)},
+                "status": str(SessionStatus.COMPLETED if done else SessionStatus.RUNNING),
+            },
+        )
         if new is None:
             self._warm = None
             return Outcome(task, False, "fenced out at commit (another worker took over)")
@@ -171,8 +201,12 @@ class Engine:
     def _session_at(self, doc: dict[str, Any], step: int) -> Session:
         """The session's modules at `step`: the warm ones, or rebuilt and restored."""
         warm = self._warm
-        if (warm is not None and warm.session_id == doc["_id"]
-                and warm.config_hash == doc["config_hash"] and warm.step == step):
+        if (
+            warm is not None
+            and warm.session_id == doc["_id"]
+            and warm.config_hash == doc["config_hash"]
+            and warm.step == step
+        ):
             set_rng_state(warm.rng)
             return warm.session
         self._warm = None
@@ -185,8 +219,7 @@ class Engine:
         return session
 
     def _remember(self, doc: dict[str, Any], session: Session) -> None:
-        self._warm = _Warm(doc["_id"], doc["config_hash"], session.step, session,
-                           get_rng_state())
+        self._warm = _Warm(doc["_id"], doc["config_hash"], session.step, session, get_rng_state())
 
     def _deliver_evals(self, doc: dict[str, Any], session: Session, start: int) -> int | None:
         """Feed due eval results to the callbacks in step order; a step still missing."""
@@ -200,12 +233,19 @@ class Engine:
             session.evals_seen = n
         return None
 
-    def _finish_early(self, doc: dict[str, Any], task: Task, session: Session,
-                      reason: str) -> Outcome:
+    def _finish_early(
+        self, doc: dict[str, Any], task: Task, session: Session, reason: str
+    ) -> Outcome:
         new = self.store.cas_session(
-            task.session, {"token": task.token, "lease.worker": self.worker},
-            {"status": str(SessionStatus.COMPLETED), "lease": None, "token": new_id(),
-             "meta.stopped": reason})
+            task.session,
+            {"token": task.token, "lease.worker": self.worker},
+            {
+                "status": str(SessionStatus.COMPLETED),
+                "lease": None,
+                "token": new_id(),
+                "meta.stopped": reason,
+            },
+        )
         self._warm = None
         log.info("%s: %s", task, reason)
         return Outcome(task, new is not None, reason, step=task.start)
@@ -227,18 +267,30 @@ class Engine:
         tb = "".join(traceback.format_exception(exc))
         log.error("%s failed: %s", task, message)
         self.store.cas_session(
-            task.session, {"token": task.token},
-            {"status": str(SessionStatus.FAILED), "lease": None,
-             "error": {"message": message, "type": type(exc).__name__, "traceback": tb,
-                       "task": str(task), "worker": self.worker, "time": time.time()}})
+            task.session,
+            {"token": task.token},
+            {
+                "status": str(SessionStatus.FAILED),
+                "lease": None,
+                "error": {
+                    "message": message,
+                    "type": type(exc).__name__,
+                    "traceback": tb,
+                    "task": str(task),
+                    "worker": self.worker,
+                    "time": time.time(),
+                },
+            },
+        )
         return Outcome(task, False, message, failed=True)
 
     # --- Eval -----------------------------------------------------------------------
     def eval(self, task: Task) -> Outcome:
         """Eval(n): metrics of the checkpoint at n, as eval statistics; idempotent."""
         doc = self.store.get_session(task.session)
-        done = self.store.query_statistics(task.session, phase="eval", step_min=task.step,
-                                           step_max=task.step)
+        done = self.store.query_statistics(
+            task.session, phase="eval", step_min=task.step, step_max=task.step
+        )
         if done:
             return Outcome(task, False, "already evaluated", step=task.step)
         saved_rng = get_rng_state()
@@ -250,11 +302,16 @@ class Engine:
             set_rng_state(saved_rng)
         now = time.time()
         self.store.write_statistics(
-            task.session, [StatPoint("eval", task.step, k, v, now) for k, v in metrics.items()])
+            task.session, [StatPoint("eval", task.step, k, v, now) for k, v in metrics.items()]
+        )
         for ckpt in self.store.list_checkpoints(task.session):
             if ckpt["step"] == task.step:
-                self.store.update_checkpoint(task.session, task.step, ckpt["kind"],
-                                             {"metrics": {**ckpt.get("metrics", {}), **metrics}})
+                self.store.update_checkpoint(
+                    task.session,
+                    task.step,
+                    ckpt["kind"],
+                    {"metrics": {**ckpt.get("metrics", {}), **metrics}},
+                )
         return Outcome(task, True, "ok", step=task.step)
 
     def _evaluate(self, doc: dict[str, Any], step: int) -> dict[str, float]:
@@ -263,7 +320,9 @@ class Engine:
             session = warm.session
         else:
             session = build_session(doc["config"])
-            session.load_state_dict(self.store.load_state(self.store.get_checkpoint(doc["_id"], step)))
+            session.load_state_dict(
+                self.store.load_state(self.store.get_checkpoint(doc["_id"], step))
+            )
         return session.evaluator.evaluate(session.model, session.data)
 
     # --- Save -----------------------------------------------------------------------
@@ -280,13 +339,15 @@ class Engine:
         return Outcome(task, True, f"kept {len(keep)}, dropped {dropped}", step=task.step)
 
 
-def retained_steps(doc: dict[str, Any], ckpts: list[dict[str, Any]], plan: Any) -> set[tuple[int, str]]:
+def retained_steps(
+    doc: dict[str, Any], ckpts: list[dict[str, Any]], plan: Any
+) -> set[tuple[int, str]]:
     """(step, kind) of the checkpoints retention keeps (pure function of the store)."""
     r = plan.retention
     current = int(doc["step"])
     live = [c for c in ckpts if c["step"] <= current]
     steps = sorted({c["step"] for c in live})
-    keep_steps = set(steps[-max(r.keep_last, 1):])
+    keep_steps = set(steps[-max(r.keep_last, 1) :])
     keep_steps.add(current)
     if r.keep_every:
         keep_steps.update(s for s in steps if s % r.keep_every == 0)
@@ -300,7 +361,9 @@ def retained_steps(doc: dict[str, Any], ckpts: list[dict[str, Any]], plan: Any) 
             keep_steps.add(pick(scored, key=lambda c: c["metrics"][r.best_metric])["step"])
     keep: set[tuple[int, str]] = set()
     for c in live:
-        if c["step"] in keep_steps and (c["kind"] != str(CheckpointKind.PREEMPT) or c["step"] == current):
+        if c["step"] in keep_steps and (
+            c["kind"] != str(CheckpointKind.PREEMPT) or c["step"] == current
+        ):
             keep.add((c["step"], c["kind"]))
         if c["kind"] == str(CheckpointKind.FINAL):
             keep.add((c["step"], c["kind"]))
@@ -320,8 +383,13 @@ def _check_torch_version(state: dict[str, Any], doc: dict[str, Any]) -> None:
 
     saved = state.get("torch_version")
     if saved and saved != torch.__version__:
-        log.warning("session %s was checkpointed with torch %s; this worker has %s: results "
-                    "may differ bit-wise", doc.get("name"), saved, torch.__version__)
+        log.warning(
+            "session %s was checkpointed with torch %s; this worker has %s: results "
+            "may differ bit-wise",
+            doc.get("name"),
+            saved,
+            torch.__version__,
+        )
 
 
 class _Heartbeat:

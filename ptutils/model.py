@@ -41,7 +41,9 @@ class Model(Module):
         target_key: str = "y",
     ) -> None:
         if not isinstance(network, nn.Module):
-            raise ConfigError(f"model.network must build a torch.nn.Module, got {type(network).__name__}")
+            raise ConfigError(
+                f"model.network must build a torch.nn.Module, got {type(network).__name__}"
+            )
         self.network = network
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         params = [p for p in network.parameters() if p.requires_grad]

@@ -51,11 +51,15 @@ class RestoreReport:
     renamed: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"restored {len(self.restored)}, skipped {len(self.skipped)}, "
-                 f"missing {len(self.missing)}"]
+        lines = [
+            f"restored {len(self.restored)}, skipped {len(self.skipped)}, "
+            f"missing {len(self.missing)}"
+        ]
         for title, keys in (("skipped", self.skipped), ("missing", self.missing)):
             if keys:
-                lines.append(f"  {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+                lines.append(
+                    f"  {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+                )
         for old, new in list(self.renamed.items())[:20]:
             lines.append(f"  renamed: {old} -> {new}")
         return "\n".join(lines)
@@ -146,7 +150,9 @@ class Module:
         out: dict[str, Any] = {name: child.state_dict() for name, child in self.children().items()}
         for key, value in self.extra_state().items():
             if key in out:
-                raise LoadError(f"{type(self).__name__}: own state key {key!r} clashes with a child")
+                raise LoadError(
+                    f"{type(self).__name__}: own state key {key!r} clashes with a child"
+                )
             out[key] = value
         return out
 
@@ -318,8 +324,11 @@ def _check_arguments(target: Any, kwargs: Mapping[str, Any], where: str) -> None
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [n for n, p in params.items() if p.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    valid = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
     name = getattr(target, "__name__", str(target))
     for key in kwargs:
         if key not in valid:
@@ -355,8 +364,10 @@ def _flatten_state(root: Module, state: Mapping[str, Any], prefix: str = "") -> 
 
 
 def _looks_like_tensor_dict(value: Any) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(
-        isinstance(v, torch.Tensor) for v in value.values()
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
     )
 
 
@@ -385,7 +396,7 @@ def _apply_rename(
         new = key
         for old_prefix, new_prefix in rename.items():
             if key == old_prefix or key.startswith(old_prefix + "."):
-                new = new_prefix + key[len(old_prefix):]
+                new = new_prefix + key[len(old_prefix) :]
                 report.renamed[key] = new
                 break
         out[new] = value
@@ -405,7 +416,7 @@ def _load_flat(root: Module, flat: dict[str, Any], report: RestoreReport, prefix
         if isinstance(child, Module):
             _load_flat(child, flat, report, path + ".")
         elif isinstance(child, torch.nn.Module):
-            sub = {k[len(path) + 1:]: v for k, v in flat.items() if k.startswith(path + ".")}
+            sub = {k[len(path) + 1 :]: v for k, v in flat.items() if k.startswith(path + ".")}
             if sub:
                 _load_torch_module(child, sub, path)
                 report.restored.extend(f"{path}.{k}" for k in sub)
@@ -415,8 +426,11 @@ def _load_flat(root: Module, flat: dict[str, Any], report: RestoreReport, prefix
             except Exception as exc:  # noqa: BLE001
                 raise LoadError(f"restoring {path}: {type(exc).__name__}: {exc}") from exc
             report.restored.append(path)
-    own = {k[len(prefix):]: v for k, v in flat.items()
-           if k.startswith(prefix) and k[len(prefix):] in root.extra_state()}
+    own = {
+        k[len(prefix) :]: v
+        for k, v in flat.items()
+        if k.startswith(prefix) and k[len(prefix) :] in root.extra_state()
+    }
     if own:
         root.load_extra_state(own)
         report.restored.extend(prefix + k for k in own)

@@ -37,8 +37,11 @@ def next_tasks(doc: dict[str, Any], *, after_train: bool = True) -> list[Task]:
     step = int(doc["step"])
     tasks: list[Task] = []
     ckpt = doc.get("checkpoint") or {}
-    at_boundary = step > 0 and ckpt.get("step") == step and (
-        step % plan.chunk_steps == 0 or step == plan.total_steps)
+    at_boundary = (
+        step > 0
+        and ckpt.get("step") == step
+        and (step % plan.chunk_steps == 0 or step == plan.total_steps)
+    )
     if after_train and at_boundary and doc["status"] != str(SessionStatus.FAILED):
         if plan.eval_due(step):
             tasks.append(Task(EVAL, doc["_id"], doc["token"], step=step))

@@ -39,9 +39,14 @@ class Task:
         kind = msg.get("kind")
         if kind not in KINDS:
             raise ValueError(f"unknown task kind {kind!r}")
-        return cls(kind=str(kind), session=str(msg["session"]), token=str(msg.get("token", "")),
-                   start=int(msg.get("start", 0)), stop=int(msg.get("stop", 0)),
-                   step=int(msg.get("step", 0)))
+        return cls(
+            kind=str(kind),
+            session=str(msg["session"]),
+            token=str(msg.get("token", "")),
+            start=int(msg.get("start", 0)),
+            stop=int(msg.get("stop", 0)),
+            step=int(msg.get("step", 0)),
+        )
 
     def __str__(self) -> str:
         if self.kind == TRAIN:

@@ -99,6 +99,18 @@ class _State:
         )
 
 
+def _library_entries(current: _State, base: _State) -> _State:
+    """`base` plus the registrations and aliases of ptutils' own objects in `current`."""
+    out = base.copy()
+    for full, obj in current.by_name.items():
+        if _under(obj.__module__, ["ptutils"]):
+            out.by_name.setdefault(full, obj)
+    for alias, full in current.aliases.items():
+        if full in out.by_name and _under(out.by_name[full].__module__, ["ptutils"]):
+            out.aliases.setdefault(alias, full)
+    return out
+
+
 class Registry:
     """The allowlist: allowed module prefixes, registered objects and their aliases."""
 
@@ -379,15 +391,15 @@ class Registry:
         """
         with self._lock:
             self._unload_files(self._state.loaded_files)
-            kept = {
-                k: v for k, v in self._state.by_name.items() if _under(v.__module__, ["ptutils"])
-            }
-            aliases = {a: f for a, f in self._state.aliases.items() if f in kept}
-            self._state = _State(by_name=kept, aliases=aliases)
+            self._state = _library_entries(self._state, _State())
 
     @contextmanager
     def isolated(self) -> Iterator[Registry]:
-        """Undo, on exit, everything registered or allowed inside the block."""
+        """Undo, on exit, everything registered or allowed inside the block.
+
+        Registrations made by ptutils' own modules (imported for the first time inside
+        the block) are kept: those modules will not run their decorators again.
+        """
         with self._lock:
             saved = self._state.copy()
         try:
@@ -400,7 +412,7 @@ class Registry:
                     if saved.loaded_files.get(k) != v
                 }
                 self._unload_files(added)
-                self._state = saved
+                self._state = _library_entries(self._state, saved)
 
     @staticmethod
     def _unload_files(loaded: dict[str, Path]) -> None:

@@ -84,32 +84,46 @@ def prepare_session(
         raise SessionExists(
             f"a session named {name!r} already exists in {store.url} (status {doc['status']}, "
             f"step {doc['step']}/{doc['total_steps']}). Resume it with `ptutils run CONFIG "
-            f"--name {name} --resume`, or start a new one with `--name NEW_NAME`.")
+            f"--name {name} --resume`, or start a new one with `--name NEW_NAME`."
+        )
     if doc is not None:
         if doc["config_hash"] != chash:
             raise ConfigError(
                 f"--resume: the config differs from the one session {name!r} was started with "
                 f"(hash {doc['config_hash']} vs {chash}). Resume with the original config "
-                "and overrides, or start a new session with `--name NEW_NAME`.")
+                "and overrides, or start a new session with `--name NEW_NAME`."
+            )
         lease = doc.get("lease")
         if lease and not lease_is_dead(lease):
             raise SessionExists(
                 f"session {name!r} is running right now ({lease['worker']} holds its lease). "
-                "Wait for it, or stop that process first.")
+                "Wait for it, or stop that process first."
+            )
         if lease:
             doc = store.cas_session(doc["_id"], {"token": doc["token"]}, {"lease": None}) or doc
-        if doc["status"] in (str(SessionStatus.FAILED), str(SessionStatus.CANCELLED),
-                             str(SessionStatus.PAUSED)):
-            doc = store.cas_session(doc["_id"], {"token": doc["token"]},
-                                    {"status": str(SessionStatus.RUNNING), "attempts": 0,
-                                     "error": None, "lease": None}) or store.get_session(name)
+        if doc["status"] in (
+            str(SessionStatus.FAILED),
+            str(SessionStatus.CANCELLED),
+            str(SessionStatus.PAUSED),
+        ):
+            doc = store.cas_session(
+                doc["_id"],
+                {"token": doc["token"]},
+                {"status": str(SessionStatus.RUNNING), "attempts": 0, "error": None, "lease": None},
+            ) or store.get_session(name)
         return doc, None
     session = validate(config)
     import torch
 
-    doc = new_session_doc(name, config, chash, session.plan.total_steps,
-                          tags=config.get("tags") or [], status=SessionStatus.RUNNING,
-                          meta={"torch": torch.__version__, "threads": session.plan.threads})
+    doc = new_session_doc(
+        name,
+        config,
+        chash,
+        session.plan.total_steps,
+        tags=config.get("tags") or [],
+        status=SessionStatus.RUNNING,
+        meta={"torch": torch.__version__, "threads": session.plan.threads},
+    )
     return store.create_session(doc), session
 
 
@@ -165,19 +179,31 @@ def run_session(
 
 def summarize(store: Store, session_id: str, wall: float = 0.0) -> Summary:
     doc = store.get_session(session_id)
-    losses = store.query_statistics(session_id, name="loss", phase="train",
-                                    step_min=max(0, doc["step"] - 10))
+    losses = store.query_statistics(
+        session_id, name="loss", phase="train", step_min=max(0, doc["step"] - 10)
+    )
     evals = store.query_statistics(session_id, phase="eval")
     last_eval: dict[str, float] = {}
     if evals:
         top = max(p["step"] for p in evals)
         last_eval = {p["name"]: p["value"] for p in evals if p["step"] == top}
-    return Summary(doc["_id"], doc["name"], doc["status"], doc["step"], doc["total_steps"], wall,
-                   losses[-1]["value"] if losses else None, last_eval, doc.get("checkpoint"),
-                   store.url)
+    return Summary(
+        doc["_id"],
+        doc["name"],
+        doc["status"],
+        doc["step"],
+        doc["total_steps"],
+        wall,
+        losses[-1]["value"] if losses else None,
+        last_eval,
+        doc.get("checkpoint"),
+        store.url,
+    )
 
 
-def export_state_dict(store: Store, ref: str, step: int | None, path: str | os.PathLike[str]) -> dict[str, Any]:
+def export_state_dict(
+    store: Store, ref: str, step: int | None, path: str | os.PathLike[str]
+) -> dict[str, Any]:
     """Write the network's plain state_dict for `torch.load(path, weights_only=True)`."""
     import torch
 

@@ -19,8 +19,17 @@ from ptutils.rng import RNG, seed_all
 from ptutils.state import History
 from ptutils.trainer import Evaluator, Trainer
 
-TOP_LEVEL_KEYS = ("name", "description", "tags", "imports", "session", "model", "data",
-                  "eval", "callbacks")
+TOP_LEVEL_KEYS = (
+    "name",
+    "description",
+    "tags",
+    "imports",
+    "session",
+    "model",
+    "data",
+    "eval",
+    "callbacks",
+)
 """Keys a config file may have at its top level (docs/config.md documents each)."""
 
 
@@ -64,15 +73,27 @@ class Plan:
             if not ok:
                 raise ConfigError(f"session.{key}: {what} (got {getattr(self, key)!r})")
 
-        need(isinstance(self.total_steps, int) and self.total_steps > 0, "total_steps",
-             "must be a positive integer")
-        need(isinstance(self.chunk_steps, int) and self.chunk_steps > 0, "chunk_steps",
-             "must be a positive integer")
-        need(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every",
-             "must be 0 (eval only at the end) or a positive integer")
-        need(self.eval_every % self.chunk_steps == 0, "eval_every",
-             f"must be a multiple of session.chunk_steps={self.chunk_steps} "
-             "(evals run on checkpoints, which are written at chunk ends)")
+        need(
+            isinstance(self.total_steps, int) and self.total_steps > 0,
+            "total_steps",
+            "must be a positive integer",
+        )
+        need(
+            isinstance(self.chunk_steps, int) and self.chunk_steps > 0,
+            "chunk_steps",
+            "must be a positive integer",
+        )
+        need(
+            isinstance(self.eval_every, int) and self.eval_every >= 0,
+            "eval_every",
+            "must be 0 (eval only at the end) or a positive integer",
+        )
+        need(
+            self.eval_every % self.chunk_steps == 0,
+            "eval_every",
+            f"must be a multiple of session.chunk_steps={self.chunk_steps} "
+            "(evals run on checkpoints, which are written at chunk ends)",
+        )
         need(isinstance(self.threads, int) and self.threads >= 1, "threads", "must be >= 1")
         need(self.max_attempts >= 1, "max_attempts", "must be >= 1")
 
@@ -118,10 +139,16 @@ class Session(Module):
         imports: Sequence[str] = (),
     ) -> None:
         self.plan = session if isinstance(session, Plan) else Plan.from_config(session)
-        data_obj = data if isinstance(data, DataProvider) else DataProvider.from_config(
-            _mapping(data, "data"), where="data")
-        model_obj = model if isinstance(model, Model) else Model.from_config(
-            _mapping(model, "model"), where="model")
+        data_obj = (
+            data
+            if isinstance(data, DataProvider)
+            else DataProvider.from_config(_mapping(data, "data"), where="data")
+        )
+        model_obj = (
+            model
+            if isinstance(model, Model)
+            else Model.from_config(_mapping(model, "model"), where="model")
+        )
         self.trainer = Trainer(model_obj, data_obj, log_every=self.plan.log_every)
         eval_cfg = dict(eval or {})
         check_keys(eval_cfg, ["targets"], "eval")
@@ -145,9 +172,12 @@ class Session(Module):
         check_keys(config, TOP_LEVEL_KEYS, "config")
         plan = Plan.from_config(config.get("session"))
         apply_determinism(plan)
+        data = DataProvider.from_config(_mapping(config.get("data"), "data"), where="data")
+        data.sizes()  # read every dataset now: lazy reads (and imports) must not draw from
+        # the generators between the seed and the first step
         seed_all(plan.seed)
-        kwargs = {k: v for k, v in config.items() if k != "session"}
-        return cls(session=plan, **kwargs)
+        kwargs = {k: v for k, v in config.items() if k not in ("session", "data")}
+        return cls(session=plan, data=data, **kwargs)
 
     @property
     def model(self) -> Model:
@@ -162,8 +192,11 @@ class Session(Module):
         return self._evaluator
 
     def extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "evals_seen": self.evals_seen,
-                "torch_version": torch.__version__}
+        return {
+            "step": self.step,
+            "evals_seen": self.evals_seen,
+            "torch_version": torch.__version__,
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -177,7 +210,8 @@ class Session(Module):
             if key not in batch:
                 raise DataError(
                     f"model.{'input' if key == model.input_key else 'target'}_key: the data "
-                    f"has no column {key!r}; its columns are {sorted(batch)}.")
+                    f"has no column {key!r}; its columns are {sorted(batch)}."
+                )
         batch = {k: v.to(model.device) for k, v in batch.items()}
         was_training = model.network.training
         model.network.eval()  # no dropout: the check must not draw from the RNGs
@@ -189,7 +223,8 @@ class Session(Module):
             raise DataError(
                 f"the data does not fit model.network: a batch with shapes {shapes} fails "
                 f"in the forward pass or the loss: {exc}. Check model.network's input size "
-                "(e.g. in_features) and output size against the data columns.") from exc
+                "(e.g. in_features) and output size against the data columns."
+            ) from exc
         finally:
             model.network.train(was_training)
 

@@ -66,8 +66,15 @@ class Trainer(Module):
             self._flush(step, pending, callbacks, history, stats, progress)
         return step, stats
 
-    def _flush(self, step: int, pending: list[torch.Tensor], callbacks: Callbacks,
-               history: History, stats: list[Statistic], progress: ProgressFn | None) -> None:
+    def _flush(
+        self,
+        step: int,
+        pending: list[torch.Tensor],
+        callbacks: Callbacks,
+        history: History,
+        stats: list[Statistic],
+        progress: ProgressFn | None,
+    ) -> None:
         values = torch.stack(pending).float().tolist()
         first = step - len(values) + 1
         losses = list(zip(range(first, step + 1), values))
@@ -110,16 +117,21 @@ class Evaluator(Module):
         self.targets: dict[str, dict[str, Any]] = {}
         for name, spec in (targets or {}).items():
             if not isinstance(spec, Mapping):
-                raise ConfigError(f"eval.targets.{name}: expected a mapping with `data:` and `metrics:`")
+                raise ConfigError(
+                    f"eval.targets.{name}: expected a mapping with `data:` and `metrics:`"
+                )
             unknown = set(spec) - {"data", "metrics"}
             if unknown:
-                raise ConfigError(f"eval.targets.{name}: unknown key(s) {sorted(unknown)}; valid: data, metrics")
+                raise ConfigError(
+                    f"eval.targets.{name}: unknown key(s) {sorted(unknown)}; valid: data, metrics"
+                )
             metrics = list(spec.get("metrics", ["loss", "accuracy"]))
             for m in metrics:
                 if m != "loss" and m not in METRICS:
                     raise ConfigError(
                         f"eval.targets.{name}.metrics: unknown metric {m!r}; "
-                        f"valid: loss, {', '.join(METRICS)}")
+                        f"valid: loss, {', '.join(METRICS)}"
+                    )
             self.targets[name] = {"data": spec.get("data", name), "metrics": metrics}
 
     def check(self, data: DataProvider) -> None:
@@ -129,7 +141,8 @@ class Evaluator(Module):
             if spec["data"] not in names:
                 raise ConfigError(
                     f"eval.targets.{name}.data: no dataset {spec['data']!r}; "
-                    f"data.datasets has {', '.join(sorted(names))}")
+                    f"data.datasets has {', '.join(sorted(names))}"
+                )
 
     @torch.no_grad()
     def evaluate(self, model: Model, data: DataProvider) -> dict[str, float]:
@@ -144,8 +157,9 @@ class Evaluator(Module):
             model.network.train(was_training)
         return results
 
-    def _run_target(self, name: str, metrics: Sequence[str], model: Model,
-                    data: DataProvider, dataset: str) -> dict[str, float]:
+    def _run_target(
+        self, name: str, metrics: Sequence[str], model: Model, data: DataProvider, dataset: str
+    ) -> dict[str, float]:
         sums = {m: torch.zeros((), dtype=torch.float64) for m in metrics}
         count = 0
         device = model.device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import msgpack
@@ -77,7 +78,7 @@ def test_yaml_parse_error_names_file_line_and_column(tmp_path: Path) -> None:
 def test_json_parse_error_names_file_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{\n  "a": 1,\n  "b": ,\n}\n')
-    with pytest.raises(ConfigError, match=rf"{path}:3:8: invalid JSON"):
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:3:8: invalid JSON")):
         load_config(path)
 
 
@@ -93,7 +94,7 @@ def test_python_tags_are_refused_without_running_anything(tmp_path: Path, tag: s
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
     path.write_text("name: x\nmodel: " + tag.format(marker=marker) + "\n")
-    with pytest.raises(ConfigError, match=rf"{path}:2:\d+: .*tag"):
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:2:") + r"\d+: .*tag"):
         load_config(path)
     assert not marker.exists()
 
@@ -102,7 +103,7 @@ def test_python_tags_are_refused_without_running_anything(tmp_path: Path, tag: s
     ("text", "message"),
     [
         ("- a\n- b\n", "top level must be a mapping"),
-        ("", "top level must be a mapping, but it is empty"),
+        ("", "must be a mapping .*, but it is empty"),
         ("on: 1\n", "keys must be strings"),
         ("session:\n  start: 2024-01-01\n", "at `session.start`"),
         ("tags: !!set {a, b}\n", "configs hold only"),
@@ -158,7 +159,9 @@ def test_override_without_equals_shows_the_expected_form() -> None:
 
 def test_apply_overrides_returns_a_new_dict_and_creates_mappings() -> None:
     before = copy.deepcopy(EXPERIMENT)
-    out = apply_overrides(EXPERIMENT, ["optimizer.lr=0.01", "model.init.seed=7", "session.tags=[c]"])
+    out = apply_overrides(
+        EXPERIMENT, ["optimizer.lr=0.01", "model.init.seed=7", "session.tags=[c]"]
+    )
     assert EXPERIMENT == before
     assert out["optimizer"] == {"type": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9}
     assert out["model"]["init"] == {"seed": 7}
@@ -173,7 +176,9 @@ def test_overrides_apply_in_order() -> None:
 
 
 def test_override_under_a_non_mapping_names_the_key_path() -> None:
-    with pytest.raises(ConfigError, match="cannot set optimizer.lr.value because optimizer.lr is 0.1"):
+    with pytest.raises(
+        ConfigError, match="cannot set optimizer.lr.value because optimizer.lr is 0.1"
+    ):
         apply_overrides(EXPERIMENT, ["optimizer.lr.value=3"])
     with pytest.raises(ConfigError, match="session.tags is"):
         apply_overrides(EXPERIMENT, ["session.tags.x=1"])
@@ -195,7 +200,7 @@ def test_sweep_expands_to_the_grid_in_order() -> None:
 
 
 def test_sweep_values_keep_commas_inside_brackets_and_quotes() -> None:
-    grid = expand_sweep(['sizes=[1, 2],[3,4]', 'opt={a: 1, b: 2},"x,y"'])
+    grid = expand_sweep(["sizes=[1, 2],[3,4]", 'opt={a: 1, b: 2},"x,y"'])
     assert [o[0] for o in grid[::2]] == ["sizes=[1, 2]", "sizes=[3,4]"]
     assert [parse_override(o)[1] for o in grid[0]] == [[1, 2], {"a": 1, "b": 2}]
     assert parse_override(grid[1][1])[1] == "x,y"
@@ -233,7 +238,12 @@ def test_hash_ignores_key_order_at_every_level() -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["optimizer.lr=0.1000001", "session.tags=[b, a]", "model.network.in_features=4.0", "extra=null"],
+    [
+        "optimizer.lr=0.1000001",
+        "session.tags=[b, a]",
+        "model.network.in_features=4.0",
+        "extra=null",
+    ],
 )
 def test_hash_changes_with_values_and_list_order(override: str) -> None:
     assert config_hash(apply_overrides(EXPERIMENT, [override])) != config_hash(EXPERIMENT)

@@ -11,6 +11,7 @@ import torch
 
 from ptutils import registry
 from ptutils.errors import ConfigError, RegistryError
+from ptutils.registry import Registry
 
 ALLOWLIST = "torch.nn, torch.optim, ptutils"
 
@@ -24,7 +25,11 @@ def _isolated_registry():
 
 def write_module(folder: Path, name: str, body: str, marker: Path | None = None) -> Path:
     """A user module file; when `marker` is given, importing it creates that file."""
-    head = f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n" if marker else ""
+    head = (
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n"
+        if marker
+        else ""
+    )
     path = folder / f"{name}.py"
     path.write_text(head + textwrap.dedent(body))
     return path
@@ -281,3 +286,19 @@ def test_typos_of_user_types_suggest_them(tmp_path: Path) -> None:
     registry.allow_imports(["my_modules.py"], base_dir=tmp_path)
     with pytest.raises(RegistryError, match="Did you mean: my_modules.UserNet"):
         registry.resolve("my_modules.UsrNet")
+
+
+def test_isolation_keeps_registrations_made_by_ptutils_itself() -> None:
+    """A ptutils module first imported inside a test registers once; that must survive."""
+    own = Registry()
+    library_class = type("LibThing", (), {"__module__": "ptutils.fake_module"})
+    with own.isolated():
+        own.register(library_class, name="LibAlias")
+        own.register(Net, name="UserAlias")
+    assert own.resolve("LibAlias") is library_class
+    with pytest.raises(RegistryError):
+        own.resolve("UserAlias")
+    own.reset()
+    assert own.resolve("ptutils.fake_module.LibThing") is library_class
+    with pytest.raises(RegistryError):
+        registry.resolve("LibAlias")

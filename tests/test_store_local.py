@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPA
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
+def store(tmp_path: Path) -> Iterator[LocalStore]:
     s = LocalStore(tmp_path / "runs")
     yield s
     s.close()
@@ -133,6 +134,17 @@ def test_leftover_temp_and_truncated_segment_are_rewritten(store: LocalStore) ->
         assert xxhash.xxh3_128(seg_path(store, seg.hash).read_bytes()).hexdigest() == seg.hash
     assert not temp.exists()  # its writer is dead: cleaned up
     assert same(state, store.load_state(ckpt))
+
+
+def test_segment_failing_verification_never_lands(store: LocalStore) -> None:
+    data = torch.arange(1000, dtype=torch.int32)
+    view = memoryview(data.numpy()).cast("B")
+    wrong = codec.Segment("0" * 32, len(view), view)  # bytes that do not match their name
+    with pytest.raises(StoreError, match="failed verification"):
+        store._store_segments([wrong])
+    assert list(store.segments_dir.rglob("*")) == [] or all(
+        p.is_dir() for p in store.segments_dir.rglob("*")
+    )  # neither the segment nor its temp file is left behind
 
 
 def test_present_segments_are_not_rewritten(store: LocalStore) -> None:
@@ -250,12 +262,15 @@ def test_killed_put_leaves_no_partial_checkpoint(store: LocalStore) -> None:
     last = steps[-1]
     expect = {f"w{i}": torch.full((4 << 20,), float(last * 10 + i)) for i in range(4)}
     assert same(expect, store.load_state(store.get_checkpoint(sid)))
-    # The store is fully usable: a new put (of the interrupted step) completes and loads.
-    nxt = {f"w{i}": torch.full((4 << 20,), float((last + 1) * 10 + i)) for i in range(4)}
+    # The store is fully usable: a new put at the interrupted step completes and loads.
+    nxt = {f"w{i}": torch.full((4 << 20,), -float(i)) for i in range(4)}
     store.put_checkpoint(sid, last + 1, "chunk", nxt)
     assert same(nxt, store.load_state(store.get_checkpoint(sid)))
-    assert store.collect_garbage(older_than=0) >= 1  # the killed writer's leftovers
+    # The killed writer's leftovers (its temp file at least) are garbage; nothing else is.
+    assert store.collect_garbage(older_than=0) >= 1
     assert not list(store.segments_dir.glob("*/.*.tmp"))
+    referenced = {h for c in store.list_checkpoints(sid) for h in c["segments"]}
+    assert stored_segment_files(store) == referenced
     assert same(nxt, store.load_state(store.get_checkpoint(sid)))
     assert same(expect, store.load_state(store.get_checkpoint(sid, last)))
 
@@ -286,11 +301,19 @@ def test_other_processes_see_everything(store: LocalStore) -> None:
     store.write_statistics(sid, [StatPoint("train", 4, "loss", float("nan"), time=2.0)])
     store.cas_session(sid, {"step": 0}, {"step": 4, "lease": {"worker": "me", "expires": 9.0}})
     out = subprocess.run(
-        [sys.executable, "-c", OTHER, store.url], capture_output=True, text=True, env=ENV,
-        timeout=120, check=True,
+        [sys.executable, "-c", OTHER, store.url],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=True,
     ).stdout
     seen = json.loads(out.splitlines()[-1])
-    assert seen["doc"]["_id"] == sid and seen["doc"]["step"] == 4 and seen["doc"]["lease"] == {"worker": "me", "expires": 9.0}
+    assert (
+        seen["doc"]["_id"] == sid
+        and seen["doc"]["step"] == 4
+        and seen["doc"]["lease"] == {"worker": "me", "expires": 9.0}
+    )
     assert seen["steps"] == [4] and seen["w"] == [0.0, 1.0, 2.0, 3.0, 4.0]
     (point,) = seen["stats"]
     assert (point["name"], point["time"]) == ("loss", 2.0) and math.isnan(point["value"])

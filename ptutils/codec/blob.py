@@ -24,7 +24,8 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from ptutils.codec.buffers import view_of
+from ptutils.codec.buffers import allocate, readonly_views, view_of
+from ptutils.codec.rawbytes import new_bytes
 from ptutils.codec.segments import (
     FORMAT_VERSION,
     Encoded,
@@ -48,7 +49,6 @@ MAX_MANIFEST = 2**30
 
 _HEADER = struct.Struct("<12sHHQ16s")
 _ZEROS = bytes(ALIGN)
-_COPY_CHUNK = 4 * 2**20
 
 
 def _header(manifest: bytes) -> bytes:
@@ -71,7 +71,17 @@ def _parts(encoded: Encoded) -> Iterator[bytes | memoryview]:
 
 def dumps(state: Any) -> bytes:
     """The State as one blob; tensor bytes are copied once, into the result."""
-    return b"".join(_parts(encode(state)))
+    parts = list(_parts(encode(state)))
+    allocated = new_bytes(sum(len(p) for p in parts))
+    if allocated is None:
+        return b"".join(parts)
+    out, dest = allocated
+    with dest:
+        position = 0
+        for part in parts:
+            dest[position : position + len(part)] = part
+            position += len(part)
+    return out
 
 
 def dump(state: Any, fileobj: BinaryIO) -> int:
@@ -105,7 +115,9 @@ def loads(data: Any, *, zero_copy: bool = False, verify: bool = True) -> Any:
     """
     with guard("cannot load the state blob"):
         view = _byte_view(data)
-        plan, start = _parse_head(view[: _HEADER.size], lambda n: view[_HEADER.size : _HEADER.size + n])
+        plan, start = _parse_head(
+            view[: _HEADER.size], lambda n: view[_HEADER.size : _HEADER.size + n]
+        )
         offsets = _check_layout(view, plan, start)
         if verify:
             for digest, nbytes in plan.segments:
@@ -132,7 +144,9 @@ def load(fileobj: BinaryIO, *, verify: bool = True) -> Any:
 
         arrays = materialize(plan, fill)
         if read_into(fileobj, memoryview(bytearray(1))):
-            raise CodecError("unexpected bytes after the last segment: corrupt or concatenated blob")
+            raise CodecError(
+                "unexpected bytes after the last segment: corrupt or concatenated blob"
+            )
         return decode_tree(plan.tree, arrays)
 
 
@@ -162,12 +176,16 @@ def _parse_head(head: Any, read_manifest: Any) -> tuple[Plan, int]:
     _, version, flags, length, digest = _HEADER.unpack(head)
     if version != FORMAT_VERSION:
         hint = "upgrade ptutils to read it" if version > FORMAT_VERSION else "unknown version"
-        raise CodecError(f"blob format version {version}: this ptutils reads {FORMAT_VERSION}; {hint}")
+        raise CodecError(
+            f"blob format version {version}: this ptutils reads {FORMAT_VERSION}; {hint}"
+        )
     if flags or length > MAX_MANIFEST:
         raise CodecError(f"corrupt header (flags {flags}, manifest length {length})")
     manifest = read_manifest(length)
     if len(manifest) < length:
-        raise CodecError(f"truncated blob: the manifest needs {length} bytes, {len(manifest)} present")
+        raise CodecError(
+            f"truncated blob: the manifest needs {length} bytes, {len(manifest)} present"
+        )
     if xxhash.xxh3_128(manifest).digest() != digest:
         raise CodecError("the manifest fails its checksum: corrupt blob")
     return parse_manifest(manifest), _HEADER.size + length
@@ -196,12 +214,16 @@ def _check_layout(view: memoryview, plan: Plan, start: int) -> dict[str, int]:
     offsets, position = {}, start
     for digest, nbytes in plan.segments:
         pad = -position % ALIGN
+        if position + pad > len(view):
+            raise CodecError(_short(view, position + pad))
         if bytes(view[position : position + pad]) != _ZEROS[:pad]:
-            raise CodecError(f"corrupt padding before segment {digest}" if position + pad <= len(view) else _short(view, position + pad))
+            raise CodecError(f"corrupt padding before segment {digest}")
         offsets[digest] = position + pad
         position += pad + nbytes
-    if len(view) != position:
-        raise CodecError(_short(view, position) if len(view) < position else f"{len(view) - position} unexpected bytes after the last segment")
+    if len(view) < position:
+        raise CodecError(_short(view, position))
+    if len(view) > position:
+        raise CodecError(f"{len(view) - position} unexpected bytes after the last segment")
     return offsets
 
 
@@ -223,7 +245,9 @@ def _check_size(fileobj: BinaryIO, plan: Plan, start: int) -> None:
     for _, nbytes in plan.segments:
         needed += -needed % ALIGN + nbytes
     if end - here + start < needed:
-        raise CodecError(f"truncated blob: {end - here + start} bytes, the manifest describes {needed}")
+        raise CodecError(
+            f"truncated blob: {end - here + start} bytes, the manifest describes {needed}"
+        )
 
 
 def _skip_padding(fileobj: BinaryIO, position: int) -> None:
@@ -234,7 +258,9 @@ def _skip_padding(fileobj: BinaryIO, position: int) -> None:
 
 def _verify(piece: memoryview, digest: str) -> None:
     if checksum(piece) != digest:
-        raise CodecError(f"segment {digest} fails its checksum (got {checksum(piece)}): corrupt data")
+        raise CodecError(
+            f"segment {digest} fails its checksum (got {checksum(piece)}): corrupt data"
+        )
 
 
 def _copy(view: memoryview, offset: int, target: memoryview) -> None:
@@ -246,22 +272,19 @@ def _views(plan: Plan, view: memoryview, offsets: dict[str, int]) -> list[Any]:
     """Arrays sharing the blob's memory; an array whose segments are not one fresh run of
     the blob (a repeat of earlier bytes) gets its own copy, so no two arrays alias."""
     shared: set[str] = set()
-    arrays = []
-    for entry in plan.entries:
-        if _is_fresh_run(entry, offsets, shared):
-            shared.update(ref.hash for ref in entry.refs)
-            start = offsets[entry.refs[0].hash] if entry.refs else 0
-            arrays.append(view_of(entry.spec, view, start))
-        else:
-            single = Plan(plan.tree, [entry], [])
-            arrays.extend(materialize(single, lambda h, n, target: _copy(view, offsets[h], target)))
-    return arrays
+    with readonly_views():
+        return [_view_or_copy(entry, view, offsets, shared) for entry in plan.entries]
 
 
-def _is_fresh_run(entry: Entry, offsets: dict[str, int], shared: set[str]) -> bool:
+def _view_or_copy(entry: Entry, view: memoryview, offsets: dict[str, int], shared: set[str]) -> Any:
     if not entry.refs:
-        return True
+        return view_of(entry.spec, view, 0)
     start = offsets[entry.refs[0].hash]
-    return all(
-        ref.hash not in shared and offsets[ref.hash] == start + ref.offset for ref in entry.refs
-    )
+    fresh = all(r.hash not in shared and offsets[r.hash] == start + r.offset for r in entry.refs)
+    if fresh:
+        shared.update(r.hash for r in entry.refs)
+        return view_of(entry.spec, view, start)
+    value, dest = allocate(entry.spec)
+    for r in entry.refs:
+        _copy(view, offsets[r.hash], dest[r.offset : r.offset + r.nbytes])
+    return value

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,8 +46,7 @@ NUMPY_DTYPE = re.compile(r"[<>|][biufc][0-9]{1,2}\Z")
 _NOT_WRITABLE = "The given buffer is not writable"
 
 
-@dataclass(frozen=True)
-class ArraySpec:
+class ArraySpec(NamedTuple):
     """What to rebuild: a torch tensor or numpy array of this dtype (by name) and shape."""
 
     kind: str
@@ -82,7 +82,9 @@ def array_bytes(obj: Any, path: str) -> tuple[ArraySpec, memoryview]:
 
 def _tensor_bytes(t: torch.Tensor, path: str) -> tuple[ArraySpec, memoryview]:
     if type(t) not in _PLAIN_TENSORS:
-        raise CodecError(f"cannot encode {path}: tensor subclass {type(t).__qualname__} is not supported")
+        raise CodecError(
+            f"cannot encode {path}: tensor subclass {type(t).__qualname__} is not supported"
+        )
     name = _TORCH_NAMES.get(t.dtype)
     if name is None or t.layout is not torch.strided or t.is_quantized or t.is_nested:
         raise CodecError(
@@ -91,11 +93,15 @@ def _tensor_bytes(t: torch.Tensor, path: str) -> tuple[ArraySpec, memoryview]:
         )
     if t.is_meta:
         raise CodecError(f"cannot encode {path}: a meta tensor has no data")
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.resolve_conj().resolve_neg().contiguous()
-    flat = t.reshape(-1).view(torch.uint8)
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.view(-1).view(torch.uint8)
     return ArraySpec(TORCH, name, tuple(t.shape)), memoryview(flat.numpy())
 
 
@@ -133,19 +139,25 @@ def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     return a, memoryview(a.reshape(-1).view(np.uint8))
 
 
-def view_of(spec: ArraySpec, buffer: memoryview, offset: int) -> Any:
-    """A tensor/array for `spec` sharing `buffer` at `offset` (no copy).
+@contextmanager
+def readonly_views() -> Iterator[None]:
+    """Silence torch's warning about views on a read-only buffer while making them.
 
-    A read-only buffer gives tensors that must not be written to; torch warns about
-    that on every such view, and the warning is expected here, so it is silenced.
+    `loads(bytes, zero_copy=True)` makes exactly such views on purpose (documented as
+    read-only); one context for all of them keeps the per-tensor cost at a few µs.
     """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
+        yield
+
+
+def view_of(spec: ArraySpec, buffer: memoryview, offset: int) -> Any:
+    """A tensor/array for `spec` sharing `buffer` at `offset` (no copy); its own storage
+    covers exactly its bytes. Call inside `readonly_views()` for a read-only buffer."""
     if spec.numel == 0:
         return allocate(spec)[0]
     if spec.kind == NUMPY:
         flat = np.frombuffer(buffer, dtype=np.dtype(spec.dtype), count=spec.numel, offset=offset)
         return flat.reshape(spec.shape)
-    dtype = TORCH_DTYPES[spec.dtype]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        flat = torch.frombuffer(buffer, dtype=dtype, count=spec.numel, offset=offset)
+    flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[spec.dtype], count=spec.numel, offset=offset)
     return flat.reshape(spec.shape)

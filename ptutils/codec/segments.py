@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import xxhash
 
@@ -70,8 +70,7 @@ class Encoded:
         return sum(s.nbytes for s in self.segments)
 
 
-@dataclass(frozen=True)
-class Ref:
+class Ref(NamedTuple):
     """Where a segment goes: `nbytes` bytes at `offset` inside one array."""
 
     hash: str
@@ -79,8 +78,7 @@ class Ref:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One row of the tensor table, validated."""
 
     path: str
@@ -158,9 +156,15 @@ def parse_manifest(manifest: bytes | memoryview) -> Plan:
     version = doc.get("version")
     if version != FORMAT_VERSION:
         hint = "upgrade ptutils to read it" if _newer(version) else "it is not a known version"
-        raise CodecError(f"manifest format version {version!r}: this ptutils reads {FORMAT_VERSION}; {hint}")
+        raise CodecError(
+            f"manifest format version {version!r}: this ptutils reads {FORMAT_VERSION}; {hint}"
+        )
     tree, tensors, segments = doc.get("tree"), doc.get("tensors"), doc.get("segments")
-    if not isinstance(tree, bytes) or not isinstance(tensors, list) or not isinstance(segments, list):
+    if (
+        not isinstance(tree, bytes)
+        or not isinstance(tensors, list)
+        or not isinstance(segments, list)
+    ):
         raise CodecError("manifest is missing its tree, tensor table or segment list")
     sizes = _segment_table(segments)
     entries = [_entry(i, row, sizes) for i, row in enumerate(tensors)]
@@ -199,7 +203,9 @@ def _entry(index: int, row: Any, sizes: dict[str, int]) -> Entry:
         refs.append(Ref(ref[0], end, sizes[ref[0]]))
         end += sizes[ref[0]]
     if end != spec.nbytes or row.get("nbytes") != end:
-        raise CodecError(f"{where}: its segments hold {end} bytes, its dtype and shape need {spec.nbytes}")
+        raise CodecError(
+            f"{where}: its segments hold {end} bytes, its dtype and shape need {spec.nbytes}"
+        )
     return Entry(path, spec, tuple(refs))
 
 
@@ -276,12 +282,12 @@ def read_segment(stream: Any, digest: str, target: memoryview, *, verify: bool) 
         if verify:
             hasher.update(piece)
     if verify and hasher.hexdigest() != digest:
-        raise CodecError(f"segment {digest} fails its checksum (got {hasher.hexdigest()}): corrupt data")
+        raise CodecError(
+            f"segment {digest} fails its checksum (got {hasher.hexdigest()}): corrupt data"
+        )
 
 
-def decode(
-    manifest: bytes, open_segment: Callable[[str], BinaryIO], *, verify: bool = True
-) -> Any:
+def decode(manifest: bytes, open_segment: Callable[[str], BinaryIO], *, verify: bool = True) -> Any:
     """Rebuild a State from its manifest, reading each segment from `open_segment(hash)`.
 
     Each stream is read straight into the destination array (`readinto` when it has
@@ -295,12 +301,16 @@ def decode(
         return decode_tree(plan.tree, arrays)
 
 
-def _fill_from(open_segment: Callable[[str], BinaryIO], digest: str, target: memoryview, verify: bool) -> None:
+def _fill_from(
+    open_segment: Callable[[str], BinaryIO], digest: str, target: memoryview, verify: bool
+) -> None:
     stream = open_segment(digest)
     try:
         read_segment(stream, digest, target, verify=verify)
         if read_into(stream, memoryview(bytearray(1))):
-            raise CodecError(f"segment {digest} is longer than the {len(target)} bytes the manifest says")
+            raise CodecError(
+                f"segment {digest} is longer than the {len(target)} bytes the manifest says"
+            )
     finally:
         close = getattr(stream, "close", None)
         if close is not None:

@@ -174,7 +174,9 @@ def decode_tree(data: bytes, arrays: Sequence[Any]) -> Any:
             index = int.from_bytes(payload, "little")
             if index < len(arrays):
                 return arrays[index]
-            raise CodecError(f"the structure refers to tensor #{index}, the table has {len(arrays)}")
+            raise CodecError(
+                f"the structure refers to tensor #{index}, the table has {len(arrays)}"
+            )
         return _decode_ext(code, payload, hook)
 
     return unpack(data, hook)

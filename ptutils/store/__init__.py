@@ -37,5 +37,5 @@ def open_store(url: str | os.PathLike[str] | None = None) -> Store:
     from ptutils.store.local import LocalStore
 
     if target.startswith("file://"):
-        target = target[len("file://"):]
+        target = target[len("file://") :]
     return LocalStore(Path(target))

@@ -81,8 +81,22 @@ class CheckpointKind(StrEnum):
 
 
 SESSION_FIELDS = (
-    "_id", "name", "config", "config_hash", "status", "step", "total_steps", "token",
-    "lease", "checkpoint", "attempts", "error", "created", "updated", "tags", "sweep",
+    "_id",
+    "name",
+    "config",
+    "config_hash",
+    "status",
+    "step",
+    "total_steps",
+    "token",
+    "lease",
+    "checkpoint",
+    "attempts",
+    "error",
+    "created",
+    "updated",
+    "tags",
+    "sweep",
     "meta",
 )
 """Top-level fields of a session document. `lease` is {"worker", "expires"} or None;
@@ -200,9 +214,7 @@ class Store(abc.ABC):
         """Extend the lease held by `worker`; False if it no longer holds it."""
         now = time.time() if now is None else now
         return (
-            self.cas_session(
-                session_id, {"lease.worker": worker}, {"lease.expires": now + ttl}
-            )
+            self.cas_session(session_id, {"lease.worker": worker}, {"lease.expires": now + ttl})
             is not None
         )
 
@@ -265,7 +277,8 @@ class Store(abc.ABC):
         from ptutils.errors import CheckpointCorrupt
 
         cands = [
-            c for c in self.list_checkpoints(session_id)
+            c
+            for c in self.list_checkpoints(session_id)
             if max_step is None or c["step"] <= max_step
         ]
         cands.sort(key=lambda c: (c["step"], c.get("created", 0)), reverse=True)

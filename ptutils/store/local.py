@@ -39,13 +39,11 @@ from ptutils.errors import (
     SessionNotFound,
     StoreError,
 )
+from ptutils.store import DEFAULT_STORE
 from ptutils.store.base import StatPoint, Store
 
 if TYPE_CHECKING:
     from ptutils.codec import Encoded, Segment
-
-DEFAULT_ROOT = "ptutils-runs"
-"""Folder `ptutils run` uses when no --store is given (relative to the working dir)."""
 
 DB_NAME = "ptutils.db"
 SEGMENTS_DIR = "segments"
@@ -63,9 +61,9 @@ STALE_TEMP_S = 3600.0
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 _TEMP_RE = re.compile(r"^\.([0-9a-f]{32})\.(\d+)\.[0-9a-f]+\.tmp$")
 _CKPT_RESERVED = frozenset(
-    {"session", "step", "kind", "manifest", "checksum", "segments", "size", "created",
-     "state", "bytes_written"}
+    "session step kind manifest checksum segments size created state bytes_written".split()
 )
+"""Checkpoint fields `update_checkpoint` may not change."""
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
@@ -100,7 +98,7 @@ _CKPT_COLUMNS = "session, step, kind, manifest, checksum, segments, size, metric
 class LocalStore(Store):
     """Sessions, checkpoints and statistics in a folder; safe to share between processes."""
 
-    def __init__(self, root: str | os.PathLike[str] = DEFAULT_ROOT) -> None:
+    def __init__(self, root: str | os.PathLike[str] = DEFAULT_STORE) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
         self.segments_dir = self.root / SEGMENTS_DIR
@@ -346,30 +344,52 @@ class LocalStore(Store):
         segments = encoded.segments
         hashes = [s.hash for s in segments]
         with self._txn() as conn:
-            missing = [s for s in segments if not _segment_present(self._segment_path(s.hash), s.nbytes)]
+            missing = [
+                s for s in segments if not _segment_present(self._segment_path(s.hash), s.nbytes)
+            ]
             if missing:
                 return None, missing
+            if (
+                conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
+                is None
+            ):
+                raise SessionNotFound(f"session {session_id} was deleted while checkpointing")
             old = _ref_hashes(conn, session_id, step, kind)
             doc = {
-                "session": session_id, "step": step, "kind": kind,
-                "manifest": bytes(encoded.manifest), "checksum": codec.checksum(encoded.manifest),
-                "segments": hashes, "size": sum(s.nbytes for s in segments),
+                "session": session_id,
+                "step": step,
+                "kind": kind,
+                "manifest": bytes(encoded.manifest),
+                "checksum": codec.checksum(encoded.manifest),
+                "segments": hashes,
+                "size": sum(s.nbytes for s in segments),
                 "metrics": json.loads(_dumps(metrics, "checkpoint metrics")),
                 "created": time.time(),
             }
             conn.execute(
                 f"INSERT OR REPLACE INTO checkpoints ({_CKPT_COLUMNS}, state) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,'complete')",
-                (session_id, step, kind, doc["manifest"], doc["checksum"],
-                 json.dumps([[s.hash, s.nbytes] for s in segments]), doc["size"],
-                 _dumps(doc["metrics"], "checkpoint metrics"), "{}", doc["created"]),
+                (
+                    session_id,
+                    step,
+                    kind,
+                    doc["manifest"],
+                    doc["checksum"],
+                    json.dumps([[s.hash, s.nbytes] for s in segments]),
+                    doc["size"],
+                    _dumps(doc["metrics"], "checkpoint metrics"),
+                    "{}",
+                    doc["created"],
+                ),
             )
             _delete_refs(conn, session_id, step, kind)
             conn.executemany(
                 "INSERT OR IGNORE INTO segment_refs (hash, session, step, kind) VALUES (?,?,?,?)",
                 [(h, session_id, step, kind) for h in hashes],
             )
-            self._unlink_unreferenced(conn, old - set(hashes))
+        if old - set(hashes):  # segments of a replaced manifest that nothing else uses
+            with self._txn() as conn:
+                self._unlink_unreferenced(conn, old - set(hashes))
         return doc, []
 
     def get_checkpoint(
@@ -450,7 +470,9 @@ class LocalStore(Store):
                 key,
             ).fetchone()
             if row is None:
-                raise CheckpointNotFound(f"session {key[0]} has no checkpoint at step {key[1]} ({key[2]})")
+                raise CheckpointNotFound(
+                    f"session {key[0]} has no checkpoint at step {key[1]} ({key[2]})"
+                )
             doc = {**json.loads(row[1]), "metrics": json.loads(row[0])}
             for k, v in update.items():
                 _set_path(doc, k, v)
@@ -479,15 +501,15 @@ class LocalStore(Store):
             hashes = _ref_hashes(conn, *key)
             _delete_refs(conn, *key)
             self._unlink_unreferenced(conn, hashes)
-            conn.execute(
-                "DELETE FROM checkpoints WHERE session = ? AND step = ? AND kind = ?", key
-            )
+            conn.execute("DELETE FROM checkpoints WHERE session = ? AND step = ? AND kind = ?", key)
 
     def _unlink_unreferenced(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> int:
         """Delete segment files no checkpoint row references (caller holds the write lock)."""
         removed = 0
         for digest in hashes:
-            if conn.execute("SELECT 1 FROM segment_refs WHERE hash = ? LIMIT 1", (digest,)).fetchone():
+            if conn.execute(
+                "SELECT 1 FROM segment_refs WHERE hash = ? LIMIT 1", (digest,)
+            ).fetchone():
                 continue
             try:
                 self._segment_path(digest).unlink()
@@ -536,7 +558,8 @@ class LocalStore(Store):
         """Remove the session's points with step > after_step."""
         with self._txn() as conn:
             cur = conn.execute(
-                "DELETE FROM statistics WHERE session = ? AND step > ?", (session_id, int(after_step))
+                "DELETE FROM statistics WHERE session = ? AND step > ?",
+                (session_id, int(after_step)),
             )
             return cur.rowcount
 
@@ -555,8 +578,12 @@ class LocalStore(Store):
             ids = [session_id] if isinstance(session_id, str) else list(session_id)
             where.append(f"session IN ({','.join('?' * len(ids))})")
             args += ids
-        for sql, value in (("name = ?", name), ("phase = ?", phase),
-                           ("step >= ?", step_min), ("step <= ?", step_max)):
+        for sql, value in (
+            ("name = ?", name),
+            ("phase = ?", phase),
+            ("step >= ?", step_min),
+            ("step <= ?", step_max),
+        ):
             if value is not None:
                 where.append(sql)
                 args.append(_text(value) if isinstance(value, Enum) else value)
@@ -566,8 +593,14 @@ class LocalStore(Store):
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY session, step, name, phase", args).fetchall()
         return [
-            {"session": s, "phase": ph, "step": st, "name": n,
-             "value": float(sp) if sp is not None else v, "time": t}
+            {
+                "session": s,
+                "phase": ph,
+                "step": st,
+                "name": n,
+                "value": float(sp) if sp is not None else v,
+                "time": t,
+            }
             for s, ph, st, n, v, sp, t in rows
         ]
 
@@ -664,8 +697,12 @@ def _set_path(doc: dict[str, Any], key: str, value: Any) -> None:
 def _session_row(doc: dict[str, Any], text: str) -> tuple[Any, ...]:
     status, sweep = doc.get("status"), doc.get("sweep")
     return (
-        doc["_id"], doc["name"], None if status is None else str(status),
-        None if sweep is None else str(sweep), float(doc.get("created") or time.time()), text,
+        doc["_id"],
+        doc["name"],
+        None if status is None else str(status),
+        None if sweep is None else str(sweep),
+        float(doc.get("created") or time.time()),
+        text,
     )
 
 
@@ -691,9 +728,15 @@ def _ckpt_doc(row: tuple[Any, ...]) -> dict[str, Any]:
     session, step, kind, manifest, checksum, segments, size, metrics, extra, created = row
     return {
         **json.loads(extra),
-        "session": session, "step": step, "kind": kind, "manifest": bytes(manifest),
-        "checksum": checksum, "segments": [h for h, _ in json.loads(segments)], "size": size,
-        "metrics": json.loads(metrics), "created": created,
+        "session": session,
+        "step": step,
+        "kind": kind,
+        "manifest": bytes(manifest),
+        "checksum": checksum,
+        "segments": [h for h, _ in json.loads(segments)],
+        "size": size,
+        "metrics": json.loads(metrics),
+        "created": created,
     }
 
 
@@ -718,8 +761,13 @@ def _stat_row(session_id: str, point: Any) -> tuple[Any, ...]:
     value = float(p.value)
     finite = math.isfinite(value)
     return (
-        session_id, _text(p.phase), int(p.step), p.name,
-        value if finite else None, None if finite else repr(value), float(p.time),
+        session_id,
+        _text(p.phase),
+        int(p.step),
+        p.name,
+        value if finite else None,
+        None if finite else repr(value),
+        float(p.time),
     )
 
 

@@ -1,0 +1,50 @@
+"""The State codec: msgpack for structure, raw buffers for tensors, no pickle.
+
+Two ways to store a State (nested dict/list/tuple of scalars, strings, bytes, torch
+tensors and numpy arrays):
+
+- one blob: `dumps`/`loads` in memory, `dump`/`load` streaming to and from a file;
+- content-addressed segments for the stores: `encode` gives a manifest plus segments
+  named by their xxh3_128 digest (aligned to arrays, at most `MAX_SEGMENT` bytes), and
+  `decode` reads them back through `open_segment(hash)`.
+
+Everything read is verified (lengths, checksums, structure); a truncated, corrupt or
+foreign input raises `CodecError` and never runs code. Tensors load on CPU.
+"""
+
+from __future__ import annotations
+
+from ptutils.codec.blob import ALIGN, MAGIC, dump, dumps, load, loads
+from ptutils.codec.buffers import TORCH_DTYPES
+from ptutils.codec.segments import (
+    FORMAT_VERSION,
+    MAX_SEGMENT,
+    Encoded,
+    Hasher,
+    Segment,
+    checksum,
+    decode,
+    encode,
+    segment_hashes,
+)
+from ptutils.errors import CodecError
+
+__all__ = [
+    "ALIGN",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_SEGMENT",
+    "TORCH_DTYPES",
+    "CodecError",
+    "Encoded",
+    "Hasher",
+    "Segment",
+    "checksum",
+    "decode",
+    "dump",
+    "dumps",
+    "encode",
+    "load",
+    "loads",
+    "segment_hashes",
+]

@@ -1,0 +1,322 @@
+"""`DataProvider`: named in-memory datasets, eval batches, and a resumable train stream.
+
+Every dataset is read once, lazily, and held as torch tensors. The train stream's
+order is a pure function of (seed, source, epoch) and, with several weighted sources,
+the source of each batch is a pure function of (seed, batch number); the position
+(epoch and offset per source, batches drawn) is the provider's state, made of ints
+only, so a run restored in a fresh process draws exactly the batches an uninterrupted
+run would have drawn (DESIGN §4.4).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptutils.data.readers import DataReader, stable_seed
+from ptutils.errors import ConfigError, DataError, LoadError
+from ptutils.module import Module, build, is_type_config
+
+Batch = dict[str, torch.Tensor]
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_SUFFIX_TYPES = {".npz": "NpzReader", ".h5": "HDF5Reader", ".hdf5": "HDF5Reader",
+                 ".jsonl": "JsonLinesReader", ".csv": "CsvReader"}
+
+
+class _Stream:
+    """One train source's cursor: epoch, samples consumed in it, and its permutation."""
+
+    __slots__ = ("name", "epoch", "position", "perm", "columns", "limit", "size")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.epoch = 0
+        self.position = 0
+        self.perm: torch.Tensor | None = None
+        self.columns: tuple[tuple[str, torch.Tensor], ...] | None = None
+        self.limit = 0
+        self.size = 0
+
+
+class _Counter:
+    """Batches drawn so far; a plain slot keeps `next_batch` clear of Module.__setattr__."""
+
+    __slots__ = ("drawn",)
+
+    def __init__(self) -> None:
+        self.drawn = 0
+
+
+class DataProvider(Module):
+    """Datasets by name; `provide(name)` gives eval batches, `next_batch()` train ones.
+
+    `datasets`: {name: reader config (`{type: ptutils.data.DigitsReader, ...}`) or
+    DataReader}. `train`: the dataset the train stream draws from, or {name: weight}
+    to mix several (each batch from one source). Eval batches are views of the held
+    tensors: do not modify them in place.
+    """
+
+    config_path = "data"
+    """Where a session's config holds the provider; prefixes config locations in errors."""
+
+    def __init__(
+        self,
+        datasets: Mapping[str, Mapping[str, Any] | DataReader],
+        batch_size: int = 64,
+        seed: int = 0,
+        train: str | Sequence[str] | Mapping[str, float] = "train",
+        eval_batch_size: int | None = None,
+        drop_last: bool = True,
+        device: str = "cpu",
+    ) -> None:
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.eval_batch_size = (self.batch_size if eval_batch_size is None
+                                else _positive_int(eval_batch_size, "eval_batch_size"))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"{self.config_path}.seed: expected an integer, got {seed!r}")
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        self.device = _device(device, f"{self.config_path}.device")
+        self._readers = self._build_readers(datasets)
+        weights = self._train_weights(train)
+        self._sources = list(weights)
+        total = sum(weights.values())
+        self._cumulative = [float(c) for c in np.cumsum([w / total for w in weights.values()])]
+        self._mix_key = stable_seed("mix", seed)
+        self._streams = [_Stream(name) for name in self._sources]
+        self._counter = _Counter()
+        self._columns: dict[str, tuple[tuple[str, torch.Tensor], ...]] = {}
+
+    # --- configuration ------------------------------------------------------------------
+    def _build_readers(self, datasets: Any) -> dict[str, DataReader]:
+        root = f"{self.config_path}.datasets"
+        if not isinstance(datasets, Mapping) or not datasets:
+            raise ConfigError(
+                f"{root}: expected {{name: reader config}}, e.g. "
+                "{train: {type: ptutils.data.NpzReader, path: train.npz}}"
+            )
+        return {str(name): self._reader(f"{root}.{name}", spec) for name, spec in datasets.items()}
+
+    @staticmethod
+    def _reader(where: str, spec: Any) -> DataReader:
+        if isinstance(spec, DataReader):
+            reader = spec
+        elif is_type_config(spec):
+            try:
+                reader = build(spec, where=where)
+            except ConfigError as exc:
+                if where in str(exc):
+                    raise
+                raise type(exc)(f"{where}: {exc}") from exc
+            if not isinstance(reader, DataReader):
+                raise ConfigError(
+                    f"{where}.type: {spec['type']} is a {type(reader).__name__}, not a DataReader"
+                )
+        else:
+            raise ConfigError(f"{where}: expected a reader config with `type:`{_type_hint(spec)}")
+        reader.where = where
+        return reader
+
+    def _train_weights(self, train: Any) -> dict[str, float]:
+        where = f"{self.config_path}.train"
+        if isinstance(train, str):
+            weights = {train: 1.0}
+        elif isinstance(train, Mapping):
+            weights = dict(train)
+        elif isinstance(train, Sequence) and train:
+            weights = {name: 1.0 for name in train}
+        else:
+            raise ConfigError(f"{where}: expected a dataset name or {{name: weight}}, got {train!r}")
+        for name, weight in weights.items():
+            if name not in self._readers:
+                raise ConfigError(
+                    f"{where}: no dataset {name!r}; {self.config_path}.datasets has "
+                    f"{', '.join(repr(n) for n in self._readers)}"
+                )
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
+                math.isfinite(weight) and weight > 0
+            ):
+                raise ConfigError(f"{where}.{name}: a weight must be a positive number, got {weight!r}")
+        return {str(k): float(v) for k, v in weights.items()}
+
+    # --- reading ------------------------------------------------------------------------
+    def dataset_names(self) -> list[str]:
+        """The configured dataset names, in config order."""
+        return list(self._readers)
+
+    def train_sources(self) -> list[str]:
+        """The datasets the train stream draws from."""
+        return list(self._sources)
+
+    def columns(self, name: str) -> dict[str, torch.Tensor]:
+        """The whole dataset `name` as tensors on the provider's device (read on first use)."""
+        return dict(self._load(name))
+
+    def sizes(self) -> dict[str, int]:
+        """Number of samples of every dataset (reads them all)."""
+        return {name: _length(self._load(name)) for name in self._readers}
+
+    def check(self) -> None:
+        """Cheap early check that every reader's files exist, without reading them."""
+        for reader in self._readers.values():
+            reader.check()
+
+    def _load(self, name: str) -> tuple[tuple[str, torch.Tensor], ...]:
+        columns = self._columns.get(name)
+        if columns is None:
+            columns = self._columns[name] = self._read(name)
+        return columns
+
+    def _read(self, name: str) -> tuple[tuple[str, torch.Tensor], ...]:
+        reader = self._readers.get(name)
+        if reader is None:
+            raise DataError(
+                f"no dataset {name!r}; {self.config_path}.datasets has "
+                f"{', '.join(repr(n) for n in self._readers)}"
+            )
+        try:
+            arrays = reader.read()
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a custom reader's failure, with its location
+            raise DataError(f"{reader.describe()}: reading failed: {type(exc).__name__}: {exc}") from exc
+        return tuple((key, _tensor(value, key, reader).to(self.device)) for key, value in arrays.items())
+
+    # --- eval batches -------------------------------------------------------------------
+    def provide(self, name: str) -> Iterator[Batch]:
+        """Batches of dataset `name` in its fixed order, each sample once, last partial one
+        included. The data is read when this is called, not when iteration starts."""
+        columns = self._load(name)
+        size, step = _length(columns), self.eval_batch_size
+        return ({key: t[start:start + step] for key, t in columns} for start in range(0, size, step))
+
+    def example_batch(self, name: str) -> Batch:
+        """The first eval batch of `name`: shapes and dtypes to check a network against."""
+        batch = next(self.provide(name), None)
+        if batch is None:
+            raise DataError(f"{self._readers[name].describe()}: the dataset is empty")
+        return batch
+
+    # --- the train stream ---------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        """The next train batch; an endless stream whose position is this Module's state."""
+        streams = self._streams
+        counter = self._counter
+        stream = streams[0] if len(streams) == 1 else streams[self._choose(counter.drawn)]
+        if stream.perm is None or stream.position >= stream.limit:
+            self._advance(stream)
+        start = stream.position
+        idx = stream.perm[start:start + self.batch_size]  # type: ignore[index]
+        stream.position = start + idx.shape[0]
+        counter.drawn += 1
+        return {key: torch.index_select(t, 0, idx) for key, t in stream.columns}  # type: ignore[union-attr]
+
+    def _choose(self, drawn: int) -> int:
+        """Index of the source of batch number `drawn`: a counter-based draw (SplitMix64)."""
+        x = (self._mix_key + (drawn + 1) * _GOLDEN) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        unit = ((x ^ (x >> 31)) >> 11) * (1.0 / (1 << 53))
+        return min(bisect.bisect_right(self._cumulative, unit), len(self._cumulative) - 1)
+
+    def _advance(self, stream: _Stream) -> None:
+        """Load the source if needed, and start its next epoch once this one is used up."""
+        if stream.columns is None:
+            self._attach(stream)
+        if stream.position >= stream.limit:
+            stream.epoch += 1
+            stream.position = 0
+            stream.perm = None
+        if stream.perm is None:
+            stream.perm = self.order(stream.name, stream.epoch)
+
+    def _attach(self, stream: _Stream) -> None:
+        columns = self._load(stream.name)
+        size = _length(columns)
+        if size == 0 or (self.drop_last and size < self.batch_size):
+            raise DataError(
+                f"{self._readers[stream.name].describe()}: {size} samples, fewer than "
+                f"{self.config_path}.batch_size ({self.batch_size}); lower batch_size, or set "
+                f"{self.config_path}.drop_last: false to train on partial batches."
+            )
+        stream.columns, stream.size = columns, size
+        stream.limit = size - self.batch_size + 1 if self.drop_last else size
+
+    def order(self, name: str, epoch: int) -> torch.Tensor:
+        """The sample order of `name` in `epoch`: a pure function of (seed, name, epoch)."""
+        generator = torch.Generator()
+        generator.manual_seed(stable_seed("order", self.seed, name, epoch))
+        return torch.randperm(_length(self._load(name)), generator=generator).to(self.device)
+
+    # --- state --------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "drawn": self._counter.drawn,
+            "sources": {s.name: {"epoch": s.epoch, "position": s.position} for s in self._streams},
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        sources = state.get("sources")
+        if not isinstance(sources, Mapping) or set(sources) != set(self._sources):
+            saved = sorted(sources) if isinstance(sources, Mapping) else sources
+            raise LoadError(
+                f"{self.config_path}: the saved train position is for sources {saved}, this "
+                f"provider trains on {sorted(self._sources)}; restore with only=[...] to skip "
+                "the data position (the stream then starts from the beginning)."
+            )
+        for stream in self._streams:
+            saved = sources[stream.name]
+            stream.epoch, stream.position = int(saved["epoch"]), int(saved["position"])
+            stream.perm = None
+        self._counter.drawn = int(state["drawn"])
+
+    def position(self) -> dict[str, Any]:
+        """Where the train stream stands (the same ints as the state), for progress logs."""
+        return self.extra_state()
+
+
+def _length(columns: tuple[tuple[str, torch.Tensor], ...]) -> int:
+    return int(columns[0][1].shape[0]) if columns else 0
+
+
+def _tensor(value: np.ndarray, key: str, reader: DataReader) -> torch.Tensor:
+    """A numpy column as a tensor (shared memory where possible); text columns refused."""
+    if value.dtype.kind not in "biuf":
+        raise DataError(
+            f"{reader.describe()}: column {key!r} holds {value.dtype} values, which cannot "
+            "become a tensor; drop it with `keys`, or convert it in a custom reader."
+        )
+    if not value.flags.writeable or not value.flags.c_contiguous:
+        value = np.array(value, order="C")
+    try:
+        return torch.from_numpy(value)
+    except TypeError as exc:
+        raise DataError(f"{reader.describe()}: column {key!r}: {exc}; cast it with `dtype`") from exc
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{DataProvider.config_path}.{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _device(device: Any, where: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{where}: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from exc
+
+
+def _type_hint(spec: Any) -> str:
+    """` (e.g. type: ptutils.data.NpzReader)` guessed from a `path:` suffix, if any."""
+    if isinstance(spec, Mapping) and isinstance(spec.get("path"), str):
+        for suffix, reader in _SUFFIX_TYPES.items():
+            if spec["path"].lower().endswith(suffix):
+                return f"; add `type: ptutils.data.{reader}` for {spec['path']}"
+    return ", e.g. {type: ptutils.data.NpzReader, path: train.npz}"

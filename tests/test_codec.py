@@ -1,0 +1,507 @@
+"""The State codec: bit-exact round trips, zero-copy sharing, content-addressed segments,
+and refusal (CodecError, no code run) of anything truncated, corrupt or foreign."""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+import os
+import pickle  # only to build attack payloads: the codec itself never imports it
+import re
+import struct
+import warnings
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ptutils import codec
+from ptutils.codec import MAX_SEGMENT, TORCH_DTYPES, CodecError
+from ptutils.errors import StoreUnavailable
+
+NUMPY_DTYPES = ["|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8",
+                "<f2", "<f4", "<f8", "<c8", "<c16", ">f4", ">i8"]  # fmt: skip
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- comparison ---------------------------------------------------------------------------
+def raw(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same(a: Any, b: Any, path: str = "state") -> None:
+    """Equal types and values; tensors and arrays by dtype, shape and bytes; floats by bits."""
+    assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        assert raw(a) == raw(b), path
+    elif isinstance(a, np.ndarray):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), path
+    elif isinstance(a, float):
+        assert struct.pack("<d", a) == struct.pack("<d", b), f"{path}: {a!r} != {b!r}"
+    elif isinstance(a, dict):
+        assert len(a) == len(b), path
+        for (ka, va), (kb, vb) in zip(a.items(), b.items()):
+            assert_same(ka, kb, f"{path} key")
+            assert_same(va, vb, f"{path}[{ka!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), path
+    else:
+        assert a == b, path
+
+
+def round_trips(state: Any) -> dict[str, Any]:
+    """The state after each way through the codec."""
+    blob = codec.dumps(state)
+    stream = io.BytesIO()
+    written = codec.dump(state, stream)
+    assert written == len(blob) and stream.getvalue() == blob  # one format, two writers
+    stream.seek(0)
+    encoded = codec.encode(state)
+    store = {s.hash: b"".join(bytes(c) for c in s.chunks()) for s in encoded.segments}
+    return {
+        "loads": codec.loads(blob),
+        "loads zero_copy": codec.loads(blob, zero_copy=True),
+        "load": codec.load(stream),
+        "decode": codec.decode(encoded.manifest, lambda h: io.BytesIO(store[h])),
+    }
+
+
+# --- strategies ---------------------------------------------------------------------------
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    """Any dtype, random bits (NaNs included); 0-d, empty, transposed or strided."""
+    dtype = draw(st.sampled_from(list(TORCH_DTYPES.values())))
+    rows, cols = draw(st.integers(0, 4)), draw(st.integers(0, 5))
+    data = draw(
+        st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
+    )
+    base = torch.tensor(list(data), dtype=torch.uint8).view(dtype).reshape(rows, cols)
+    form = draw(st.sampled_from(["plain", "transposed", "strided", "0-d", "empty"]))
+    if form == "transposed":
+        return base.t()
+    if form == "strided":
+        return base[:, ::2]
+    if form == "0-d" and base.numel():
+        return base.reshape(-1)[-1]  # a 0-d view with a storage offset
+    if form == "empty":
+        return base[:0]
+    return base
+
+
+@st.composite
+def arrays(draw: st.DrawFn) -> np.ndarray:
+    dtype = np.dtype(draw(st.sampled_from(NUMPY_DTYPES)))
+    rows, cols = draw(st.integers(0, 3)), draw(st.integers(0, 4))
+    data = draw(
+        st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
+    )
+    base = np.frombuffer(data, dtype=dtype).reshape(rows, cols).copy()
+    forms = [base, base.T, base[:, ::2]] + (
+        [base.reshape(-1)[-1:].reshape(())] if base.size else []
+    )
+    return draw(st.sampled_from(forms))
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True) | st.integers(0, 2**64 - 1).map(
+    lambda bits: struct.unpack("<d", struct.pack("<Q", bits))[0]  # NaN payloads too
+)
+scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | floats | st.text(max_size=8)
+    | st.binary(max_size=8)
+)  # fmt: skip
+keys = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**66), 2**66) | floats | st.text(max_size=6)
+    | st.binary(max_size=4),
+    lambda inner: st.tuples(inner, inner),
+    max_leaves=3,
+)  # fmt: skip
+states = st.recursive(
+    scalars | tensors() | arrays(),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(keys, inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+# --- round trips --------------------------------------------------------------------------
+@FAST
+@given(states)
+def test_random_states_round_trip_bit_exact_every_way(state: Any) -> None:
+    for way, back in round_trips(state).items():
+        try:
+            assert_same(state, back)
+        except AssertionError as exc:
+            raise AssertionError(f"{way}: {exc}") from exc
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_DTYPES))
+def test_every_torch_dtype_round_trips(name: str) -> None:
+    dtype = TORCH_DTYPES[name]
+    base = torch.randint(0, 256, (6 * 4 * dtype.itemsize,), dtype=torch.uint8).view(dtype)
+    base = base.reshape(6, 4)
+    state = {"plain": base, "t": base.t(), "step": base[::2, 1:], "0d": base[2, 3],
+             "empty": base[:, :0], "nested": [(base[1],)]}  # fmt: skip
+    for back in round_trips(state).values():
+        assert_same(state, back)
+        assert all(v.dtype is dtype for v in (back["plain"], back["0d"], back["empty"]))
+
+
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES)
+def test_numpy_arrays_come_back_as_numpy_arrays(dtype: str) -> None:
+    a = np.frombuffer(os.urandom(12 * np.dtype(dtype).itemsize), dtype=dtype).reshape(3, 4)
+    state = {"a": a, "T": a.T, "0d": a.reshape(-1)[:1].reshape(()), "scalar": a.reshape(-1)[0]}
+    for back in round_trips(state).values():
+        assert_same(state, back)
+        assert back["T"].shape == (4, 3) and back["0d"].shape == ()
+
+
+def test_real_file_round_trip_with_an_optimizer_state(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+             "step": 7, "size": torch.Size([3, 4])}  # fmt: skip
+    path = tmp_path / "state.ptu"
+    with path.open("wb") as f:
+        written = codec.dump(state, f)
+    assert path.stat().st_size == written
+    with path.open("rb") as f:
+        back = codec.load(f)
+    assert type(back["model"]) is dict  # OrderedDict comes back as a plain dict, in order
+    assert list(back["model"]) == list(state["model"])
+    assert_same(dict(state["model"]), back["model"])
+    assert_same(
+        {k: v for k, v in state.items() if k != "model"}, {k: back[k] for k in back if k != "model"}
+    )
+    model.load_state_dict(back["model"])
+    opt.load_state_dict(back["optimizer"])
+
+
+def test_scalar_edge_cases_round_trip() -> None:
+    class Color(StrEnum):
+        RED = "red"
+
+    class Pair(NamedTuple):
+        a: int
+        b: int
+
+    state = {
+        "ints": [0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 3**200, -(7**99)],
+        "floats": [math.nan, -math.nan, math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308],
+        "types": (torch.float8_e4m3fn, torch.bfloat16, torch.device("cpu"), bytearray(b"ab")),
+        "np": [np.float32(1.5), np.int64(-3), np.bool_(True), np.complex64(1 + 2j)],
+        (1, ("a", None)): {b"k": True, 2.5: None, None: "none", -(2**70): "big key"},
+        "text": "ünïcødé ☃",
+    }
+    for back in round_trips(state).values():
+        assert_same(state, back)
+    back = codec.loads(
+        codec.dumps({"enum": Color.RED, "pair": Pair(1, 2), "od": collections.OrderedDict(x=1)})
+    )
+    assert_same(
+        back, {"enum": "red", "pair": (1, 2), "od": {"x": 1}}
+    )  # stored like json stores them
+
+
+def test_tensors_needing_preparation_are_saved_by_value() -> None:
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    z = torch.randn(4, dtype=torch.complex64)
+    state = {"param": param, "conj": z.conj(), "neg": torch._neg_view(z), "transposed": param.t()}
+    back = codec.loads(codec.dumps(state))
+    assert type(back["param"]) is torch.Tensor and not back["param"].requires_grad
+    assert torch.equal(back["param"], param.detach())
+    assert torch.equal(back["conj"], z.conj().resolve_conj()) and not back["conj"].is_conj()
+    assert torch.equal(back["neg"], -z)
+    assert back["transposed"].is_contiguous() and torch.equal(
+        back["transposed"], param.detach().t()
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_saved_from_cpu_copies_and_load_on_cpu() -> None:
+    t = torch.randn(5, 3, device="cuda")
+    back = codec.loads(codec.dumps({"t": t, "nc": t.t()}))
+    assert back["t"].device.type == "cpu" and torch.equal(back["t"], t.cpu())
+    assert torch.equal(back["nc"], t.t().cpu())
+
+
+def test_large_blobs_are_the_same_bytes_whichever_way_they_are_built() -> None:
+    state = {"w": torch.randn(3 * 2**20), "n": np.arange(2**19)}  # 16 MiB: dumps fills in place
+    blob, stream = codec.dumps(state), io.BytesIO()
+    codec.dump(state, stream)
+    assert (
+        type(blob) is bytes and blob == stream.getvalue() and hash(blob) == hash(stream.getvalue())
+    )
+    assert_same(codec.loads(blob), state)
+
+
+# --- zero-copy and ownership --------------------------------------------------------------
+def _inside(t: torch.Tensor | np.ndarray, buffer: Any) -> bool:
+    start = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+    ptr = t.data_ptr() if isinstance(t, torch.Tensor) else t.ctypes.data
+    return start <= ptr < start + len(buffer)
+
+
+def test_zero_copy_tensors_share_the_input_buffer() -> None:
+    state = {
+        "w": torch.randn(64, 32),
+        "a": np.arange(10.0),
+        "b": torch.arange(5).to(torch.bfloat16),
+    }
+    blob = bytearray(codec.dumps(state))
+    back = codec.loads(blob, zero_copy=True)
+    assert all(_inside(v, blob) for v in back.values())
+    assert all(
+        v.data_ptr() % 64 == np.frombuffer(blob, np.uint8).ctypes.data % 64
+        for v in (back["w"], back["b"])
+    )  # fmt: skip  (segments are 64-byte aligned)
+    back["w"][0, 0] = 123.0  # a writable buffer gives writable views on it
+    assert codec.loads(blob, verify=False)["w"][0, 0] == 123.0
+
+
+def test_zero_copy_on_bytes_gives_read_only_views_without_warnings() -> None:
+    blob = codec.dumps({"w": torch.randn(8), "i": torch.arange(4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        back = codec.loads(blob, zero_copy=True)
+    assert _inside(back["w"], blob) and _inside(back["i"], blob)
+
+
+def test_zero_copy_never_aliases_two_arrays_with_equal_bytes() -> None:
+    blob = bytearray(codec.dumps({"a": torch.zeros(16), "b": torch.zeros(16)}))
+    back = codec.loads(blob, zero_copy=True)
+    back["a"] += 1
+    assert torch.equal(back["b"], torch.zeros(16))
+
+
+def test_copying_loads_own_their_memory() -> None:
+    blob = bytearray(codec.dumps({"w": torch.ones(100), "a": np.ones(7)}))
+    back = codec.loads(blob)
+    assert not _inside(back["w"], blob) and not _inside(back["a"], blob)
+    blob[:] = bytes(len(blob))
+    assert torch.equal(back["w"], torch.ones(100)) and back["a"].sum() == 7
+
+
+# --- segments ----------------------------------------------------------------------------
+def test_segments_are_named_by_content_and_follow_tensors() -> None:
+    state = {"frozen": [torch.randn(1000) for _ in range(9)], "head": torch.randn(300)}
+    first, again = codec.encode(state), codec.encode(state)
+    assert [s.hash for s in first.segments] == [s.hash for s in again.segments]
+    assert all(s.hash == codec.checksum(b"".join(s.chunks())) for s in first.segments)
+    state["head"] = state["head"] + 1
+    changed = codec.encode(state)
+    before, after = {s.hash for s in first.segments}, {s.hash for s in changed.segments}
+    assert len(before - after) == 1 and len(after - before) == 1  # only the head's segment
+    assert codec.segment_hashes(changed.manifest) == [(s.hash, s.nbytes) for s in changed.segments]
+
+
+def test_equal_tensors_share_one_segment_and_load_as_separate_tensors() -> None:
+    w = torch.randn(50)
+    encoded = codec.encode({"a": w, "tied": w, "copy": w.clone()})
+    assert len(encoded.segments) == 1
+    back = codec.loads(codec.dumps({"a": w, "tied": w}))
+    assert torch.equal(back["a"], w) and back["a"].data_ptr() != back["tied"].data_ptr()
+
+
+def test_a_70_mib_tensor_is_split_into_three_segments_viewing_its_memory() -> None:
+    big = torch.randint(0, 256, (70 * 2**20,), dtype=torch.uint8)
+    encoded = codec.encode({"big": big})
+    sizes = [s.nbytes for s in encoded.segments]
+    assert sizes == [MAX_SEGMENT, MAX_SEGMENT, 6 * 2**20]
+    chunk = next(encoded.segments[1].chunks())
+    assert np.frombuffer(chunk, np.uint8).ctypes.data == big.data_ptr() + MAX_SEGMENT  # no copy
+    store = {s.hash: bytes(s.view) for s in encoded.segments}
+    assert torch.equal(codec.decode(encoded.manifest, lambda h: io.BytesIO(store[h]))["big"], big)
+
+
+class _ReadOnly:
+    """A file object with read() only (as some store streams are)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._stream = io.BytesIO(data)
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        return self._stream.read(min(n, 7) if n > 0 else n)  # short reads on purpose
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_decode_reads_through_read_only_streams_and_closes_them() -> None:
+    state = {"w": torch.randn(33), "n": np.arange(5)}
+    encoded = codec.encode(state)
+    opened: list[_ReadOnly] = []
+
+    def open_segment(digest: str) -> _ReadOnly:
+        opened.append(_ReadOnly(bytes(next(s for s in encoded.segments if s.hash == digest).view)))
+        return opened[-1]
+
+    assert_same(codec.decode(encoded.manifest, open_segment), state)
+    assert len(opened) == 2 and all(s.closed for s in opened)
+
+
+def test_decode_names_the_segment_that_is_corrupt_short_long_or_missing() -> None:
+    encoded = codec.encode({"w": torch.randn(100)})
+    (segment,) = encoded.segments
+    good = bytes(segment.view)
+    bad = {"flipped": good[:10] + bytes([good[10] ^ 1]) + good[11:], "short": good[:-1],
+           "long": good + b"\0"}  # fmt: skip
+    for what, data in bad.items():
+        with pytest.raises(CodecError, match=segment.hash):
+            codec.decode(encoded.manifest, lambda h, data=data: io.BytesIO(data))
+        assert what
+    with pytest.raises(CodecError, match="KeyError"):
+        codec.decode(encoded.manifest, lambda h: io.BytesIO({}[h]))
+    with pytest.raises(StoreUnavailable):  # a store's own errors pass through unchanged
+        codec.decode(encoded.manifest, lambda h: (_ for _ in ()).throw(StoreUnavailable("down")))
+    assert codec.decode(encoded.manifest, lambda h: io.BytesIO(bad["flipped"]), verify=False)
+
+
+# --- refusing bad input -------------------------------------------------------------------
+def test_unsupported_values_name_their_path_and_type() -> None:
+    cases = [
+        ({"model": {"x": lambda: 1}}, r"state\['model'\]\['x'\].*function"),
+        ({"a": [1, object()]}, r"state\['a'\]\[1\].*object"),
+        ({"s": {1, 2}}, r"state\['s'\].*set"),
+        ({(1, frozenset()): 0}, r"key of type frozenset"),
+        ({"t": torch.zeros(2).to_sparse()}, r"state\['t'\].*layout"),
+        ({"q": torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.qint8)}, r"state\['q'\]"),
+        ({"o": np.array([None], dtype=object)}, r"state\['o'\].*numpy dtype object"),
+    ]
+    for state, message in cases:
+        with pytest.raises(CodecError, match=message):
+            codec.dumps(state)
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(CodecError, match="cycle"):
+        codec.encode({"loop": loop})
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return codec.dumps({"w": torch.randn(40, 3), "n": np.arange(6), "k": ("x", 1, 2.5),
+                        "dup": torch.zeros(5), "dup2": torch.zeros(5), "e": torch.empty(0)})  # fmt: skip
+
+
+@FAST
+@given(data=st.data())
+def test_any_flipped_byte_is_detected(blob: bytes, data: st.DataObject) -> None:
+    position = data.draw(st.integers(0, len(blob) - 1))
+    flip = data.draw(st.integers(1, 255))
+    mutated = bytearray(blob)
+    mutated[position] ^= flip
+    for load in (
+        codec.loads,
+        lambda b: codec.loads(b, zero_copy=True),
+        lambda b: codec.load(io.BytesIO(b)),
+    ):
+        with pytest.raises(CodecError):
+            load(bytes(mutated))
+
+
+@FAST
+@given(data=st.data())
+def test_truncated_or_extended_blobs_are_refused(blob: bytes, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    for bad in (blob[:cut], blob + data.draw(st.binary(min_size=1, max_size=8))):
+        with pytest.raises(CodecError):
+            codec.loads(bad)
+        with pytest.raises(CodecError):
+            codec.load(io.BytesIO(bad))
+
+
+@FAST
+@given(st.binary(max_size=200) | st.binary(max_size=60).map(lambda b: codec.MAGIC + b))
+def test_random_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(CodecError):
+        codec.loads(data)
+    with pytest.raises(CodecError):
+        codec.decode(data, lambda h: io.BytesIO(b""))
+
+
+def test_empty_input_says_so() -> None:
+    with pytest.raises(CodecError, match="empty"):
+        codec.loads(b"")
+    with pytest.raises(CodecError, match="empty"):
+        codec.load(io.BytesIO())
+
+
+def test_torch_save_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    with pytest.raises(CodecError, match="torch.save"):
+        codec.loads(path.read_bytes())
+    with path.open("rb") as f, pytest.raises(CodecError, match="torch.save"):
+        codec.load(f)
+
+
+class _Touch:
+    """Unpickling this runs a shell command that creates a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickle_payloads_are_refused_and_never_run(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    for payload in (pickle.dumps(_Touch(target)), pickle.dumps(_Touch(target), protocol=0),
+                    pickle.dumps({"harmless": [1, 2]})):  # fmt: skip
+        with pytest.raises(CodecError):
+            codec.loads(payload)
+        with pytest.raises(CodecError):
+            codec.load(io.BytesIO(payload))
+        with pytest.raises(CodecError):
+            codec.decode(payload, lambda h, p=payload: io.BytesIO(p))
+    with pytest.raises(CodecError, match="pickle"):
+        codec.loads(pickle.dumps(_Touch(target)))
+    assert not target.exists()
+
+
+def test_blobs_from_a_newer_format_ask_for_an_upgrade(blob: bytes) -> None:
+    newer = bytearray(blob)
+    newer[12] += 1  # the version field follows the 12 magic bytes
+    with pytest.raises(CodecError, match="upgrade"):
+        codec.loads(bytes(newer))
+    manifest = codec.encode({"x": 1}).manifest.replace(b"\xa7version\x01", b"\xa7version\x02")
+    with pytest.raises(CodecError, match="upgrade"):
+        codec.decode(manifest, lambda h: io.BytesIO())
+
+
+def test_the_codec_never_imports_pickle() -> None:
+    unpicklers = re.compile(
+        r"^\s*(import|from)\s+(pickle|cPickle|dill|cloudpickle|joblib)\b|pickle\.load|torch\.load\(\w",
+        re.M,
+    )
+    for path in Path(codec.__file__).parent.glob("*.py"):
+        assert not unpicklers.search(path.read_text()), path
+
+
+def test_dump_streams_without_building_the_blob(tmp_path: Path) -> None:
+    from bench.harness import peak_extra_memory
+
+    state = {f"w{i}": torch.randn(2**20) for i in range(32)}  # 128 MiB
+    with (tmp_path / "s.ptu").open("wb") as f:
+        peak = peak_extra_memory(lambda: codec.dump(state, f))
+    assert peak < 0.25 * 128 * 2**20, f"dump used {peak / 2**20:.1f} MiB extra"

@@ -1,0 +1,237 @@
+"""`ptutils run` end to end: the digits example, exact resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ptutils.store import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+PTUTILS = [sys.executable, "-m", "orchestrator.cli"]
+KILLER = str(ROOT / "tests" / "killer.py")
+
+
+def ptutils(*args: str, cwd: Path | None = None, check: bool = False,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*PTUTILS, *args], cwd=cwd or ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ptutils {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def small_config(tmp_path: Path, **session) -> dict:
+    return {
+        "name": "small",
+        "imports": [KILLER],
+        "session": {"total_steps": 60, "chunk_steps": 20, "eval_every": 20, "log_every": 1,
+                    "seed": 3, **session},
+        "model": {
+            "network": {"type": "ptutils.nets.MLP", "in_features": 64, "hidden": [32],
+                        "out_features": 10, "dropout": 0.2},
+            "optimizer": {"type": "torch.optim.Adam", "lr": 0.003},
+            "scheduler": {"type": "torch.optim.lr_scheduler.StepLR", "step_size": 25,
+                          "gamma": 0.5},
+        },
+        "data": {"batch_size": 32, "seed": 1, "datasets": {
+            "train": {"type": "ptutils.data.DigitsReader",
+                      "split": {"fraction": 0.8, "part": "train"}},
+            "test": {"type": "ptutils.data.DigitsReader",
+                     "split": {"fraction": 0.8, "part": "test"}}}},
+        "eval": {"targets": {"test": {"data": "test", "metrics": ["loss", "accuracy"]}}},
+        "callbacks": [{"type": "killer.KillAt", "step": 10 ** 9,
+                       "marker": str(tmp_path / "killed")}],
+    }
+
+
+def write(tmp_path: Path, cfg: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def final_state(store_dir: Path, name: str):
+    with open_store(store_dir) as store:
+        doc = store.get_session(name)
+        ckpt = store.get_checkpoint(doc["_id"])
+        stats = store.query_statistics(doc["_id"])
+        return doc, ckpt, store.load_state(ckpt), stats
+
+
+def assert_bit_identical(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bit_identical(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bit_identical(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def series(stats):
+    return [(p["phase"], p["step"], p["name"], p["value"]) for p in stats]
+
+
+@pytest.mark.parametrize("where", ["between checkpoints", "right after a checkpoint"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, where):
+    rng = random.Random(os.getpid())
+    kill_step = rng.choice([s for s in range(2, 59) if s % 20 not in (0, 1)]) \
+        if where == "between checkpoints" else rng.choice([21, 41])
+    cfg = small_config(tmp_path)
+    cfg["callbacks"][0]["step"] = kill_step
+    # The uninterrupted run uses the very same config (same hash); it runs after the
+    # killed one, when the marker file exists, so KillAt never fires in it.
+    path = write(tmp_path, cfg)
+    store_a, store_b = tmp_path / "runs-a", tmp_path / "runs-b"
+
+    killed = ptutils("run", str(path), "--store", str(store_b), "-q")
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "killed").exists()
+    again = ptutils("run", str(path), "--store", str(store_b), "-q")
+    assert again.returncode == 2 and "--resume" in again.stderr, "same name without --resume"
+    ptutils("run", str(path), "--store", str(store_b), "-q", "--resume", check=True)
+
+    ptutils("run", str(path), "--store", str(store_a), "-q", check=True)  # marker exists now
+
+    doc_a, ckpt_a, state_a, stats_a = final_state(store_a, "small")
+    doc_b, ckpt_b, state_b, stats_b = final_state(store_b, "small")
+    assert doc_a["status"] == doc_b["status"] == "completed"
+    assert ckpt_a["step"] == ckpt_b["step"] == 60
+    assert_bit_identical(state_a, state_b)
+    assert series(stats_a) == series(stats_b)
+    keys = [(p["phase"], p["step"], p["name"]) for p in stats_b]
+    assert len(keys) == len(set(keys)), "no step appears twice in the statistics"
+    train_steps = [p["step"] for p in stats_b if p["name"] == "loss" and p["phase"] == "train"]
+    assert train_steps == list(range(1, 61))
+
+
+def test_digits_example_reaches_95_percent(tmp_path):
+    proc = ptutils("run", "examples/digits_mlp.yaml", "--store", str(tmp_path / "runs"), "-q",
+                   check=True)
+    assert "test/accuracy" in proc.stdout
+    _, ckpt, _, stats = final_state(tmp_path / "runs", "digits-mlp")
+    acc = [p["value"] for p in stats if p["name"] == "test/accuracy"]
+    assert acc and acc[-1] >= 0.95, acc
+
+
+def test_export_writes_a_plain_state_dict(tmp_path):
+    cfg = small_config(tmp_path)
+    (tmp_path / "killed").write_text("x")
+    path = write(tmp_path, cfg)
+    store = tmp_path / "runs"
+    ptutils("run", str(path), "--store", str(store), "-q", check=True)
+    out = tmp_path / "net.pt"
+    ptutils("export", "small", "-o", str(out), "--store", str(store), check=True)
+    weights = torch.load(out, weights_only=True)
+    _, _, state, _ = final_state(store, "small")
+    assert weights.keys() == state["trainer"]["model"]["network"].keys()
+    for k, v in weights.items():
+        assert torch.equal(v, state["trainer"]["model"]["network"][k])
+
+
+def _stored_failure(store_dir: Path, name: str) -> dict:
+    with open_store(store_dir) as store:
+        return store.get_session(name)
+
+
+def test_nan_loss_marks_the_session_failed_and_keeps_earlier_checkpoints(tmp_path):
+    cfg = small_config(tmp_path, total_steps=200, chunk_steps=20)
+    (tmp_path / "killed").write_text("x")
+    cfg["model"]["optimizer"] = {"type": "torch.optim.SGD", "lr": 1.0e6}
+    cfg["model"]["scheduler"] = None
+    path = write(tmp_path, cfg)
+    store = tmp_path / "runs"
+    proc = ptutils("run", str(path), "--store", str(store), "-q")
+    assert proc.returncode == 1
+    assert "NanLossError" in proc.stderr and "learning rate" in proc.stderr
+    doc = _stored_failure(store, "small")
+    assert doc["status"] == "failed" and "NanLossError" in doc["error"]["message"]
+    with open_store(store) as s:
+        for ckpt in s.list_checkpoints(doc["_id"]):
+            s.load_state(ckpt)  # every kept checkpoint still loads
+
+
+@pytest.mark.parametrize("mutate,expect", [
+    (lambda c, t: c["data"]["datasets"].update(
+        train={"type": "ptutils.data.NpzReader", "path": str(t / "missing.npz")}),
+     "missing.npz"),
+    (lambda c, t: c["model"]["network"].update(in_features=63), "in_features"),
+    (lambda c, t: c["model"].update(network={"type": "os.system", "command": "true"}),
+     "allowlist"),
+    (lambda c, t: c["session"].update(chunk_sise=5), "chunk_steps"),
+])
+def test_bad_input_is_refused_with_a_clear_error_and_nothing_stored(tmp_path, mutate, expect):
+    cfg = small_config(tmp_path)
+    mutate(cfg, tmp_path)
+    path = write(tmp_path, cfg)
+    proc = ptutils("run", str(path), "--store", str(tmp_path / "runs"), "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert expect in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with open_store(tmp_path / "runs") as store:
+        assert store.find_sessions() == []
+
+
+def test_failure_after_start_keeps_checkpoints_and_is_recorded(tmp_path):
+    """A data file that disappears between runs: --resume fails clearly, earlier work intact."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "d.npz", x=(digits.data / 16).astype("float32"),
+             y=digits.target.astype("int64"))
+    cfg = small_config(tmp_path)
+    cfg["data"]["datasets"]["train"] = {"type": "ptutils.data.NpzReader",
+                                        "path": str(tmp_path / "d.npz")}
+    cfg["callbacks"][0]["step"] = 30
+    path = write(tmp_path, cfg)
+    store = tmp_path / "runs"
+    assert ptutils("run", str(path), "--store", str(store), "-q").returncode == -9
+    (tmp_path / "d.npz").unlink()
+    proc = ptutils("run", str(path), "--store", str(store), "-q", "--resume")
+    assert proc.returncode == 1 and "d.npz" in proc.stderr
+    doc = _stored_failure(store, "small")
+    assert doc["status"] == "failed" and "d.npz" in doc["error"]["message"]
+    with open_store(store) as s:
+        ckpt = s.get_checkpoint(doc["_id"])
+        assert ckpt["step"] == 20
+        s.load_state(ckpt)
+
+
+def test_run_help_explains_the_options():
+    out = ptutils("run", "--help", check=True).stdout
+    for opt in ("--set", "--name", "--store", "--resume", "PTUTILS_STORE"):
+        assert opt in out
+
+
+def test_stats_plot_writes_a_png(tmp_path):
+    cfg = small_config(tmp_path)
+    (tmp_path / "killed").write_text("x")
+    path = write(tmp_path, cfg)
+    store = tmp_path / "runs"
+    ptutils("run", str(path), "--store", str(store), "-q", check=True)
+    png = tmp_path / "curves.png"
+    ptutils("stats", "small", "--plot", str(png), "--store", str(store), check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = json.loads(ptutils("stats", "small", "--json", "--store", str(store), check=True).stdout)
+    assert len(out["small"]["train/loss"]["steps"]) == 60
