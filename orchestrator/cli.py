@@ -214,15 +214,9 @@ def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
                 as_json=as_json)
 
 
-def _register_cluster_commands() -> None:
-    try:
-        from orchestrator import cluster_cli
-    except ImportError:
-        return
-    cluster_cli.register(main)
+from orchestrator import cluster_cli  # noqa: E402 - after `main`, which it extends
 
-
-_register_cluster_commands()
+cluster_cli.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

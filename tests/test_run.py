@@ -157,7 +157,7 @@ def _stored_failure(store_dir: Path, name: str) -> dict:
 def test_nan_loss_marks_the_session_failed_and_keeps_earlier_checkpoints(tmp_path):
     cfg = small_config(tmp_path, total_steps=200, chunk_steps=20)
     (tmp_path / "killed").write_text("x")
-    cfg["model"]["optimizer"] = {"type": "torch.optim.SGD", "lr": 1.0e6}
+    cfg["model"]["optimizer"] = {"type": "torch.optim.SGD", "lr": 1.0e30}
     cfg["model"]["scheduler"] = None
     path = write(tmp_path, cfg)
     store = tmp_path / "runs"

@@ -39,7 +39,8 @@ def assert_bit_exact(expected: Any, got: Any) -> None:
     if isinstance(expected, torch.Tensor):
         assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype
         assert got.shape == expected.shape
-        assert torch.equal(expected.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8))
+        flat = expected.reshape(-1).view(torch.uint8)
+        assert torch.equal(flat, got.reshape(-1).view(torch.uint8))
     elif isinstance(expected, dict):
         assert isinstance(got, dict) and got.keys() == expected.keys()
         for key in expected:

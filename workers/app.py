@@ -7,6 +7,9 @@ for RabbitMQ), the store from `$PTUTILS_STORE`. Why each setting is what it is:
 - `task_acks_late` + `task_reject_on_worker_lost`: a SIGKILLed or OOM-killed worker does
   not acknowledge its task; redeliveries are capped by the session's `attempts`.
 - `worker_prefetch_multiplier = 1`: no task waits behind a long one on a busy worker.
+- One task at a time per worker process, in a thread of that process
+  (`workers.pool.TaskPool`): no fork after CUDA init, and remote control (`celery
+  inspect active`) keeps answering while a chunk trains.
 - Redis `visibility_timeout` (default 6 h, `$PTUTILS_VISIBILITY_TIMEOUT`) above the
   longest chunk, so Redis never hands a running task to a second worker; lost work is
   found through leases by `reconcile`, not through this timeout.
@@ -96,14 +99,14 @@ def settings(broker_url: str) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        "worker_pool": "workers.pool:TaskPool",
+        "worker_concurrency": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_ignore_result": True,
         "result_backend": None,
         "task_routes": ROUTES,
         "task_default_queue": QUEUES[TRAIN],
         "task_queue_max_priority": MAX_PRIORITY + 1,
-        "worker_hijack_root_logger": False,
-        "worker_redirect_stdouts": False,
         "beat_scheduler": "celery.beat:Scheduler",
         "beat_schedule": {
             "ptutils-reconcile": {"task": RECONCILE_TASK, "schedule": every},

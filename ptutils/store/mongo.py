@@ -28,15 +28,14 @@ import io
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import pymongo
-from bson import Binary
-from gridfs import GridFSBucket
-from gridfs.errors import CorruptGridFile, FileExists, NoFile
+from bson import Binary, Int64
+from gridfs.errors import CorruptGridFile, FileExists
 from pymongo import ReplaceOne, ReturnDocument
 from pymongo.errors import (
     BulkWriteError,
@@ -77,6 +76,9 @@ it takes over (deletes the partial copy and uploads it itself)."""
 
 TOMBSTONE_STALE_S = 60.0
 """A deletion tombstone older than this was left by a crashed deleter."""
+
+CHUNK_BATCH = 16
+"""GridFS chunks per insert or read (4 MiB): what a save or load holds beyond the State."""
 
 STAT_BATCH = 5000
 """Statistic points per insert."""
@@ -188,8 +190,7 @@ def _dec_number(value: Any) -> Any:
 
 
 def _metrics_in(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: _enc_number(float(v) if isinstance(v, int | float) else v)
-            for k, v in metrics.items()}  # fmt: skip
+    return {k: _enc_number(v) for k, v in metrics.items()}
 
 
 def _metrics_out(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -213,46 +214,24 @@ def _is_duplicate(exc: PyMongoError) -> bool:
     """A unique-index violation, however the server words it (nx-27017 sends no code)."""
     if isinstance(exc, FileExists | DuplicateKeyError):
         return True
+    if isinstance(exc, BulkWriteError):
+        errors = exc.details.get("writeErrors", [])
+        return bool(errors) and all(e.get("code") in (11000, 11001) for e in errors)
     return isinstance(exc, OperationFailure) and (
         exc.code in (11000, 11001) or "UNIQUE constraint" in str(exc)
     )
 
 
-class _SegmentReader(io.RawIOBase):
-    """A segment's bytes as a raw stream, copied chunk by chunk from the tensor memory."""
-
-    def __init__(self, seg: codec.Segment) -> None:
-        self._pieces = seg.chunks()
-        self._current = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(target):
-            if not self._current:
-                piece = next(self._pieces, None)
-                if piece is None:
-                    break
-                self._current = piece.cast("B")
-            n = min(len(self._current), len(target) - done)
-            target[done : done + n] = self._current[:n]
-            self._current = self._current[n:]
-            done += n
-        return done
-
-
-class _GridReader(io.RawIOBase):
-    """A GridFS download with `readinto`, so the codec fills tensors without a full copy.
+class _SegmentStream(io.RawIOBase):
+    """A stored segment as a raw stream with `readinto`, so the codec fills tensors
+    straight from the chunks, a few MiB at a time, without a full copy.
 
     A missing or short chunk raises CheckpointCorrupt naming the segment; a transient
     error raises `_Interrupted`, which the codec passes through to the retry loop.
     """
 
-    def __init__(self, out: Any, digest: str, where: str) -> None:
-        self._out, self._digest, self._where = out, digest, where
+    def __init__(self, chunks: Iterator[bytes], digest: str, where: str) -> None:
+        self._chunks, self._digest, self._where = chunks, digest, where
         self._current = memoryview(b"")
 
     def readable(self) -> bool:
@@ -263,28 +242,25 @@ class _GridReader(io.RawIOBase):
         done = 0
         while done < len(target):
             if not self._current:
-                self._current = memoryview(self._next_chunk())
-                if not self._current:
+                chunk = self._next_chunk()
+                if chunk is None:
                     break
+                self._current = memoryview(chunk)
             n = min(len(self._current), len(target) - done)
             target[done : done + n] = self._current[:n]
             self._current = self._current[n:]
             done += n
         return done
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self) -> bytes | None:
         try:
-            return self._out.readchunk()
+            return next(self._chunks, None)
         except CorruptGridFile as exc:
             raise CheckpointCorrupt(f"{self._where}: segment {self._digest}: {exc}") from None
         except PyMongoError as exc:
             if is_transient(exc):
                 raise _Interrupted(exc) from None
             raise
-
-    def close(self) -> None:
-        self._out.close()
-        super().close()
 
 
 class MongoStore(Store):
@@ -301,9 +277,14 @@ class MongoStore(Store):
         self.url = redact_url(url)
         self.retry_seconds = float(retry_seconds)
         self._secret = _password(url)
-        self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-            url, **self._client_options(url)
-        )
+        try:
+            self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+                url, **self._client_options(url)
+            )
+        except PyMongoError as exc:  # a malformed URL, a mongodb+srv name that won't resolve
+            raise StoreError(
+                f"cannot open MongoDB at {self.url}: {self._scrub(str(exc))}"
+            ) from None
         self.db = self.client[db or _db_name(url)]
         self.bucket_name = bucket
         self._sessions = self.db["sessions"]
@@ -313,8 +294,11 @@ class MongoStore(Store):
         self._deletions = self.db[f"{bucket}_deletions"]
         self._files = self.db[f"{bucket}.files"]
         self._chunks = self.db[f"{bucket}.chunks"]
-        self._fs = GridFSBucket(self.db, bucket_name=bucket, chunk_size_bytes=CHUNK_SIZE)
-        self._retry("creating indexes", lambda _: self._create_indexes())
+        try:
+            self._retry("creating indexes", lambda _: self._create_indexes())
+        except StoreError:
+            self.client.close()
+            raise
 
     def __repr__(self) -> str:
         return f"MongoStore({self.url!r})"
@@ -343,6 +327,9 @@ class MongoStore(Store):
         )
         self._stats.create_index([("session", 1), ("name", 1), ("step", 1)])
         self._uploads.create_index("segments")
+        # The indexes every GridFS driver creates before its first upload.
+        self._chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
+        self._files.create_index([("filename", 1), ("uploadDate", 1)])
 
     def close(self) -> None:
         self.client.close()
@@ -512,7 +499,7 @@ class MongoStore(Store):
         encoded = codec.encode(state)
         hashes = [s.hash for s in encoded.segments]
         where = f"checkpoint of session {session_id} at step {step} ({kind})"
-        put_id = new_id()
+        put_id, stored = new_id(), False
         self._register_upload(put_id, session_id, hashes)
         try:
             written = sum(
@@ -537,8 +524,9 @@ class MongoStore(Store):
                 "state": "complete",
             }
             old = self._retry(f"writing {where}", lambda _: self._commit(doc))
+            stored = True
         finally:
-            self._unregister_upload(put_id)
+            self._unregister_upload(put_id, retry=stored)
         for digest in dict.fromkeys((old or {}).get("segments", [])):
             if digest not in hashes:  # replaced: drop what only the old version used
                 self._retry(
@@ -631,22 +619,21 @@ class MongoStore(Store):
 
         def open_segment(digest: str) -> io.RawIOBase:
             try:
-                out = self._fs.open_download_stream(digest)
-            except NoFile:
-                raise CheckpointCorrupt(
-                    f"{where}: segment {digest} is missing from GridFS bucket {self.bucket_name}"
-                ) from None
+                meta = self._files.find_one({"_id": digest})
             except PyMongoError as exc:
                 if is_transient(exc):
                     raise _Interrupted(exc) from None
                 raise
-            if out.length != sizes.get(digest):
-                out.close()
+            if meta is None:
                 raise CheckpointCorrupt(
-                    f"{where}: segment {digest} holds {out.length} bytes, expected "
+                    f"{where}: segment {digest} is missing from GridFS bucket {self.bucket_name}"
+                )
+            if meta.get("length") != sizes.get(digest):
+                raise CheckpointCorrupt(
+                    f"{where}: segment {digest} holds {meta.get('length')} bytes, expected "
                     f"{sizes.get(digest)}"
                 )
-            return _GridReader(out, digest, where)
+            return _SegmentStream(self._read_chunks(meta), digest, where)
 
         def decode(_: bool) -> Any:
             try:
@@ -724,13 +711,17 @@ class MongoStore(Store):
                     raise
         self._retry("registering an upload", insert)
 
-    def _unregister_upload(self, put_id: str) -> None:
+    def _unregister_upload(self, put_id: str, *, retry: bool) -> None:
+        """Best effort (a leftover only pins segments until gc_segments drops it); no
+        retries when the put failed, so its error is not delayed by a second wait."""
         try:
-            self._retry(
-                "unregistering an upload", lambda _: self._uploads.delete_one({"_id": put_id})
-            )
-        except StoreError as exc:  # harmless: gc_segments drops stale registrations
-            log.warning("%s", exc)
+            if retry:
+                self._retry("unregistering an upload",
+                            lambda _: self._uploads.delete_one({"_id": put_id}))
+            else:
+                self._uploads.delete_one({"_id": put_id})
+        except (StoreError, PyMongoError) as exc:
+            log.warning("could not unregister upload %s: %s", put_id, self._scrub(str(exc)))
 
     def _ensure_segment(self, seg: codec.Segment, put_id: str, retried: bool) -> int:
         """Make sure a complete, verified copy of `seg` is stored; the bytes written.
@@ -776,36 +767,70 @@ class MongoStore(Store):
         return "complete" if meta.get("length") == seg.nbytes else "partial"
 
     def _upload(self, seg: codec.Segment) -> bool:
-        """Stream `seg` into GridFS; False if chunks or a file of that name exist."""
+        """Write `seg` as a GridFS file; False if chunks or a file of that name exist.
+
+        The documents are GridFS's own (any driver reads them back), written the way
+        GridFS writes them, chunks first and the files document last, but in batches of
+        `CHUNK_BATCH` chunks: pymongo's GridIn buffers up to 32 MiB and then encodes it
+        again, which took a 200 MB save to 1.5x the State's memory.
+        """
+        batch: list[dict[str, Any]] = []
         try:
-            self._fs.upload_from_stream_with_id(
-                seg.hash, seg.hash, _SegmentReader(seg),
-                metadata={"created": time.time(), "nbytes": seg.nbytes},
-            )  # fmt: skip
+            for n, piece in enumerate(seg.chunks(CHUNK_SIZE)):
+                batch.append({"files_id": seg.hash, "n": n, "data": bytes(piece)})
+                if len(batch) == CHUNK_BATCH:
+                    self._chunks.insert_many(batch)
+                    batch = []
+            if batch:
+                self._chunks.insert_many(batch)
+            del batch
+            self._files.insert_one({
+                "_id": seg.hash, "filename": seg.hash, "length": Int64(seg.nbytes),
+                "chunkSize": CHUNK_SIZE, "uploadDate": _dt.datetime.now(_dt.UTC),
+                "metadata": {"created": time.time()},
+            })  # fmt: skip
         except PyMongoError as exc:
             if _is_duplicate(exc):
                 return False
             raise
         return True
 
+    def _read_chunks(self, meta: dict[str, Any]) -> Iterator[bytes]:
+        """The chunks of the GridFS file `meta`, in order, `CHUNK_BATCH` per query.
+
+        CorruptGridFile if a chunk is missing or of the wrong size (as GridOut checks).
+        Range queries bound the memory on any server (GridOut's cursor asks for 101
+        chunks at first; nx-27017 answers with the whole file).
+        """
+        length, size = int(meta["length"]), int(meta["chunkSize"])
+        count = -(-length // size)
+        for first in range(0, count, CHUNK_BATCH):
+            last = min(first + CHUNK_BATCH, count)
+            query = {"files_id": meta["_id"], "n": {"$gte": first, "$lt": last}}
+            docs = sorted(self._chunks.find(query, {"n": 1, "data": 1}), key=lambda d: d["n"])
+            if [d["n"] for d in docs] != list(range(first, last)):
+                raise CorruptGridFile(f"chunks {first}..{last - 1} are missing or repeated")
+            for doc in docs:
+                expected = size if doc["n"] < count - 1 else length - size * (count - 1)
+                if len(doc["data"]) != expected:
+                    raise CorruptGridFile(
+                        f"chunk {doc['n']} holds {len(doc['data'])} bytes, expected {expected}"
+                    )
+                yield doc["data"]
+            del docs
+
     def _verify(self, seg: codec.Segment) -> bool:
         """Read the stored segment back: right length and checksum."""
-        try:
-            out = self._fs.open_download_stream(seg.hash)
-        except NoFile:
+        meta = self._files.find_one({"_id": seg.hash})
+        if meta is None or meta.get("length") != seg.nbytes:
             return False
-        hasher, nbytes = codec.Hasher(), 0
+        hasher = codec.Hasher()
         try:
-            if out.length != seg.nbytes:
-                return False
-            while chunk := out.readchunk():
+            for chunk in self._read_chunks(meta):
                 hasher.update(chunk)
-                nbytes += len(chunk)
         except CorruptGridFile:
             return False
-        finally:
-            out.close()
-        return nbytes == seg.nbytes and hasher.hexdigest() == seg.hash
+        return hasher.hexdigest() == seg.hash
 
     def _other_writer_finishes(self, seg: codec.Segment, put_id: str) -> bool:
         """Wait while another registered put may be uploading `seg`; True if it completed."""
@@ -817,15 +842,17 @@ class MongoStore(Store):
                 return True
         return False
 
-    def _drop_segment_data(self, digest: str) -> None:
-        """Delete a segment's chunks, then its files document (both may be absent)."""
-        self._chunks.delete_many({"files_id": digest})
+    def _drop_segment_data(self, digest: str) -> bool:
+        """Delete a segment's chunks, then its files document; False if neither existed."""
+        chunks = self._chunks.delete_many({"files_id": digest}).deleted_count
         try:
-            self._files.delete_one({"_id": digest})
+            files = self._files.delete_one({"_id": digest}).deleted_count
         except OperationFailure:
             # nx-27017 answers "File with id ... not found" where MongoDB deletes nothing.
             if self._files.find_one({"_id": digest}, {"_id": 1}) is not None:
                 raise
+            files = 0
+        return bool(chunks or files)
 
     def _wait_for_deletion(self, digest: str) -> None:
         """Wait until no deleter holds `digest`; clear a tombstone a crashed deleter left."""
@@ -853,10 +880,7 @@ class MongoStore(Store):
             if stone is None or stone.get("token") != token:
                 return False  # another deleter holds it (or just finished)
         try:
-            if self._referenced(digest):
-                return False
-            self._drop_segment_data(digest)
-            return True
+            return not self._referenced(digest) and self._drop_segment_data(digest)
         finally:
             self._deletions.delete_one({"_id": digest, "token": token})
 

@@ -1,0 +1,300 @@
+"""Cluster commands of `ptutils`: worker, submit, status, watch, cancel, reconcile.
+
+Exit codes are those of orchestrator/cli.py: 0 success; 1 failed; 2 bad input (nothing
+was stored or queued); 3 the store or the broker could not be reached.
+
+orchestrator/cli.py imports this module at its end to `register` the commands; so this
+module reaches back into cli.py only when a command runs (under `python -m
+orchestrator.cli` the group lives in `__main__`, and a top-level import of
+orchestrator.cli from here would run cli.py a second time, half way through).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+STORE_HELP = ("Where runs are stored: a mongodb:// URL (or a folder, for workers on one "
+              "machine). Falls back to $PTUTILS_STORE.")
+
+BROKER_HELP = ("Celery broker URL: redis://HOST:6379/0 (default redis://127.0.0.1:6379/0) or "
+               "amqp://USER:PASS@HOST:5672// for RabbitMQ. Falls back to $PTUTILS_BROKER.")
+
+
+def broker_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Attach `--broker` (envvar PTUTILS_BROKER) to a command."""
+    return click.option("--broker", "broker_url", envvar="PTUTILS_BROKER", default=None,
+                        metavar="URL", help=BROKER_HELP)(fn)
+
+
+def store_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Attach `--store` (envvar PTUTILS_STORE) to a command."""
+    return click.option("--store", "store_url", envvar="PTUTILS_STORE", default=None,
+                        metavar="URL|PATH", help=STORE_HELP)(fn)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """orchestrator.cli.handle_errors (clear message, documented exit code), bound late."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from orchestrator.cli import handle_errors as handle
+
+        return handle(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def open_store_or_fail(url: str | None) -> Any:
+    from orchestrator.cli import open_store_or_fail as open_or_fail
+
+    return open_or_fail(url)
+
+
+def _app(broker_url: str | None) -> Any:
+    from workers.app import make_app
+
+    return make_app(broker_url)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command()
+@click.option("--queues", "-Q", default="train,eval,save", show_default=True,
+              help="Queues to take tasks from (comma separated). A machine for evals only: "
+                   "-Q eval.")
+@click.option("--gpus", default="all", show_default=True, metavar="all|none|0,1,...",
+              help="One worker process per GPU, pinned with CUDA_VISIBLE_DEVICES; `none` (or "
+                   "no GPU found) runs --concurrency CPU workers.")
+@click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
+              help="Worker processes per GPU, or in all on a CPU-only machine.")
+@click.option("--name", default="ptutils", show_default=True,
+              help="Worker name prefix; processes are NAME-gpu0@HOST, NAME-cpu0@HOST, ...")
+@broker_option
+@store_option
+@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds a SIGTERMed worker has to checkpoint its chunk and exit.")
+@click.option("--lease-ttl", default=60.0, show_default=True, type=click.FloatRange(0.5),
+              help="Seconds a session's lease lives without a heartbeat (renewed every "
+                   "TTL/3). A dead worker's session continues elsewhere after about this long.")
+@click.option("--reconcile-every", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="Run the reconcile loop in this worker's first process every SECONDS "
+                   "(0: off, when `ptutils reconcile` or celery beat runs elsewhere).")
+@click.option("--stall-after", default=None, type=click.FloatRange(0), metavar="SECONDS",
+              help="Reconcile: requeue a session with no lease and no progress for this long "
+                   "(default 60).")
+@click.option("--loglevel", "-l", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--events", "-E", is_flag=True, help="Send task events (for Flower).")
+@handle_errors
+def worker(queues: str, gpus: str, concurrency: int, name: str, broker_url: str | None,
+           store_url: str | None, grace: float, lease_ttl: float, reconcile_every: float,
+           stall_after: float | None, loglevel: str, events: bool) -> None:
+    """Run Celery workers for Train/Eval/Save tasks until SIGTERM.
+
+    \b
+    SIGTERM (or Ctrl-C) is a preemption: each worker stops its chunk at the next step,
+    checkpoints it, requeues the continuation and exits within --grace seconds. Send it
+    again to exit at once. A worker that dies is restarted; its session continues from
+    its last checkpoint after its lease (--lease-ttl) expires.
+    """
+    from workers.launcher import WorkerOptions, parse_gpus, run_workers
+
+    try:
+        parse_gpus(gpus)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus") from exc
+    if not name or "@" in name:
+        raise click.BadParameter("a name without '@'", param_hint="--name")
+    opts = WorkerOptions(
+        queues=_csv(queues), gpus=gpus, concurrency=concurrency, name=name,
+        broker=broker_url, store=store_url, grace=grace, lease_ttl=lease_ttl,
+        reconcile_every=reconcile_every, stall_after=stall_after, loglevel=loglevel,
+        events=events,
+    )
+    sys.exit(run_workers(opts))
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value (repeatable), as for `ptutils run`.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Submit one session per value (repeatable: the grid of all sweeps), "
+                   "grouped by a sweep id.")
+@click.option("--queue", default="train", show_default=True,
+              help="Queue of the session's Train tasks (workers started with -Q QUEUE).")
+@click.option("--priority", default=5, show_default=True, type=click.IntRange(0, 9),
+              help="0..9, higher runs sooner.")
+@click.option("--name", default=None,
+              help="Session name (default: the config's `name:` or the file name); a sweep "
+                   "appends its values.")
+@click.option("--tag", "tags", multiple=True, help="Tag the sessions (repeatable).")
+@store_option
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="Print the sessions as JSON.")
+@handle_errors
+def submit(config: str, overrides: tuple[str, ...], sweeps: tuple[str, ...], queue: str,
+           priority: int, name: str | None, tags: tuple[str, ...], store_url: str | None,
+           broker_url: str | None, as_json: bool) -> None:
+    """Validate CONFIG (built dry on CPU), store its session(s) and queue them.
+
+    Nothing is stored or queued if any config of the submit fails to build (exit 2) or the
+    broker cannot be reached (exit 3).
+    """
+    from orchestrator.submit import prepare
+    from orchestrator.submit import submit as do_submit
+
+    if not os.path.exists(config):
+        raise click.BadParameter(f"no such file: {config} (from {os.getcwd()})",
+                                 param_hint="CONFIG")
+    prepared = prepare(config, overrides, sweeps, name)
+    store = open_store_or_fail(store_url)
+    done = do_submit(store, _app(broker_url), prepared, queue=queue, priority=priority,
+                     tags=tags)
+    if as_json:
+        click.echo(json.dumps([d.to_dict() for d in done]))
+        return
+    for d in done:
+        click.echo(f"{d.session}  {d.name}")
+    if done and done[0].sweep:
+        click.echo(f"sweep {done[0].sweep}: {len(done)} sessions queued on {queue}")
+
+
+@click.command()
+@click.argument("sessions", nargs=-1)
+@click.option("--status", "status_filter", default=None,
+              type=click.Choice(["queued", "running", "paused", "completed", "failed",
+                                 "cancelled"]),
+              help="Only sessions with this status.")
+@click.option("--sweep", default=None, help="Only the sessions of this sweep id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@store_option
+@handle_errors
+def status(sessions: tuple[str, ...], status_filter: str | None, sweep: str | None,
+           as_json: bool, store_url: str | None) -> None:
+    """Sessions with status, step/total, last loss, last eval metric, worker and age.
+
+    SESSIONS are names or ids (default: every session in the store).
+    """
+    from orchestrator.status import status_rows, status_table
+
+    store = open_store_or_fail(store_url)
+    rows = status_rows(store, sessions, status=status_filter, sweep=sweep)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+
+    Console().print(status_table(rows))
+
+
+@click.command()
+@click.argument("sessions", nargs=-1)
+@click.option("--sweep", default=None, help="Only the sessions of this sweep id.")
+@click.option("--every", default=2.0, show_default=True, type=click.FloatRange(0.2),
+              help="Seconds between refreshes.")
+@store_option
+@handle_errors
+def watch(sessions: tuple[str, ...], sweep: str | None, every: float,
+          store_url: str | None) -> None:
+    """The status table, refreshed until every shown session is finished (or Ctrl-C)."""
+    from rich.live import Live
+
+    from orchestrator.status import all_finished, status_rows, status_table
+
+    store = open_store_or_fail(store_url)
+    rows = status_rows(store, sessions, sweep=sweep)
+    try:
+        with Live(status_table(rows), auto_refresh=False) as live:
+            while not all_finished(rows):
+                time.sleep(every)
+                rows = status_rows(store, sessions, sweep=sweep)
+                live.update(status_table(rows), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@click.argument("sessions", nargs=-1, required=True)
+@store_option
+@handle_errors
+def cancel(sessions: tuple[str, ...], store_url: str | None) -> None:
+    """Cancel SESSIONS (names or ids): queued tasks are dropped, a running chunk stops.
+
+    The running chunk stops at its worker's next lease renewal (within a third of the
+    lease TTL) and its work since the last checkpoint is discarded.
+    """
+    from orchestrator.status import cancel as do_cancel
+
+    store = open_store_or_fail(store_url)
+    for ref in sessions:
+        doc = do_cancel(store, ref)
+        click.echo(f"{doc['name']}: {doc['status']} (step {doc['step']}/{doc['total_steps']})")
+
+
+@click.command()
+@click.option("--every", default=None, type=click.FloatRange(0.1), metavar="SECONDS",
+              help="Run forever, a pass every SECONDS (default: one pass).")
+@click.option("--stall-after", default=None, type=click.FloatRange(0), metavar="SECONDS",
+              help="Requeue a session with no lease and no progress for this long "
+                   "(default 60).")
+@click.option("--eval-stall-after", default=None, type=click.FloatRange(0), metavar="SECONDS",
+              help="Requeue an Eval with no result this long after its checkpoint "
+                   "(default 600).")
+@store_option
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="Print each pass's requeues as JSON.")
+@handle_errors
+def reconcile(every: float | None, stall_after: float | None, eval_stall_after: float | None,
+              store_url: str | None, broker_url: str | None, as_json: bool) -> None:
+    """Requeue sessions whose worker died or whose messages were lost.
+
+    Finds sessions whose lease expired, or that are queued/running with no live lease and
+    no progress for --stall-after seconds while their queue is empty (a broker restarted
+    empty), and requeues them from their latest checkpoint; also a missing Eval. Safe to
+    run several at once. `ptutils worker` runs it too (see --reconcile-every), and so can
+    `celery -A workers.app beat`.
+    """
+    from orchestrator.reconcile import reconcile_loop, reconcile_once
+    from workers.dispatch import check_broker
+
+    store = open_store_or_fail(store_url)
+    app = _app(broker_url)
+    check_broker(app)
+    options = {k: v for k, v in (("stall_after", stall_after),
+                                 ("eval_stall_after", eval_stall_after)) if v is not None}
+
+    def show(done: list[Any]) -> None:
+        if as_json:
+            click.echo(json.dumps([r.to_dict() for r in done]), nl=True)
+            return
+        for r in done:
+            click.echo(f"{r.name} ({r.session[:8]}): {r.reason}; requeued "
+                       f"{', '.join(map(str, r.tasks))}")
+
+    if every is None:
+        done = reconcile_once(store, app, **options)
+        show(done)
+        if not as_json and not done:
+            click.echo("nothing to requeue")
+        return
+    reconcile_loop(store, app, every, on_pass=show, **options)
+
+
+COMMANDS = (worker, submit, status, watch, cancel, reconcile)
+
+
+def register(group: click.Group) -> None:
+    """Add the cluster commands to the `ptutils` group."""
+    for command in COMMANDS:
+        group.add_command(command)

@@ -1,0 +1,288 @@
+"""`ptutils worker`: one Celery worker process per GPU (or N on CPU), supervised.
+
+Each child is `celery -A workers.app worker` pinned to its device with
+CUDA_VISIBLE_DEVICES, started fresh with exec (this process never touches CUDA, and
+nothing is forked after CUDA is initialised). The launcher
+
+- restarts a child that dies (OOM killer, a crash in native code), with a backoff;
+  the session it ran is picked up through its lease, and a session that keeps killing
+  its workers is failed after `session.max_attempts` attempts;
+- turns SIGTERM or SIGINT into preemption: every child gets SIGTERM, stops at its next
+  step boundary, checkpoints, requeues its continuation and exits within `grace`
+  seconds; a second signal makes the children exit at once; children still running
+  after grace + 5 s are killed;
+- takes its children with it if it is SIGKILLed (PR_SET_PDEATHSIG on Linux);
+- runs a light reconcile loop in its first child (`reconcile_every`, 0 = off), so the
+  session of a lost worker continues within lease TTL + a few seconds with no extra
+  process to deploy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger("ptutils.launcher")
+
+ROOT = Path(__file__).resolve().parents[1]
+"""Directory holding the `workers` and `ptutils` packages (put on the children's path)."""
+
+STOP_MARGIN_S = 5.0
+"""Seconds after the grace period before children still running are SIGKILLed."""
+
+RESTART_BACKOFF_MAX_S = 30.0
+"""Longest wait before restarting a child that keeps dying at start."""
+
+HEALTHY_AFTER_S = 60.0
+"""A child that lived this long resets its restart backoff."""
+
+
+@dataclass
+class WorkerOptions:
+    """What `ptutils worker` was asked for."""
+
+    queues: Sequence[str] = ("train", "eval", "save")
+    gpus: str = "all"
+    concurrency: int = 1
+    name: str = "ptutils"
+    broker: str | None = None
+    store: str | None = None
+    grace: float = 30.0
+    lease_ttl: float = 60.0
+    reconcile_every: float = 5.0
+    stall_after: float | None = None
+    loglevel: str = "info"
+    events: bool = False
+
+
+@dataclass
+class Slot:
+    """One child worker: its name and the devices it sees (`""` hides every GPU)."""
+
+    name: str
+    cuda_visible_devices: str
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices this machine offers, without initialising CUDA in this process.
+
+    $CUDA_VISIBLE_DEVICES when set (an empty value means none), else `nvidia-smi -L`.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def parse_gpus(spec: str) -> list[str] | None:
+    """`all` -> None (detect), `none` -> [], `0,1` -> ["0", "1"]; ValueError otherwise."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return None
+    if spec in ("none", ""):
+        return []
+    ids = [s.strip() for s in spec.split(",")]
+    if not all(s.isdigit() or s.startswith("GPU-") for s in ids):
+        raise ValueError(f"--gpus {spec!r}: expected all, none, or GPU indices like 0,1")
+    return ids
+
+
+def plan_slots(opts: WorkerOptions) -> list[Slot]:
+    """The child workers to run: `concurrency` per GPU, or `concurrency` on CPU."""
+    if opts.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    gpus = parse_gpus(opts.gpus)
+    if gpus is None:
+        gpus = detect_gpus()
+        if not gpus:
+            log.info("no GPU found: starting %d CPU worker(s)", opts.concurrency)
+    slots: list[Slot] = []
+    if gpus:
+        for gpu in gpus:
+            for i in range(opts.concurrency):
+                suffix = f"-{i}" if opts.concurrency > 1 else ""
+                slots.append(Slot(f"{opts.name}-gpu{gpu}{suffix}", gpu, len(slots)))
+    else:
+        for i in range(opts.concurrency):
+            slots.append(Slot(f"{opts.name}-cpu{i}", "", len(slots)))
+    return slots
+
+
+def child_command(opts: WorkerOptions, slot: Slot) -> list[str]:
+    """The `celery worker` command line of one child."""
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "--queues", ",".join(opts.queues),
+        "--hostname", f"{slot.name}@%h",
+        "--concurrency", "1",
+        "--without-gossip", "--without-mingle",
+        "--loglevel", opts.loglevel,
+    ]
+    if opts.events:
+        cmd.append("--task-events")
+    return cmd
+
+
+def child_env(opts: WorkerOptions, slot: Slot) -> dict[str, str]:
+    """The environment of one child: device pinning and the ptutils settings."""
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    if opts.broker:
+        env["PTUTILS_BROKER"] = opts.broker
+    if opts.store:
+        env["PTUTILS_STORE"] = opts.store
+    env["PTUTILS_GRACE"] = str(opts.grace)
+    env["PTUTILS_LEASE_TTL"] = str(opts.lease_ttl)
+    first = slot.index == 0 and opts.reconcile_every > 0
+    env["PTUTILS_WORKER_RECONCILE"] = str(opts.reconcile_every) if first else "0"
+    if opts.stall_after is not None:
+        env["PTUTILS_STALL_AFTER"] = str(opts.stall_after)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the launcher dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Launcher:
+    """Starts the children, restarts the ones that die, and stops them on a signal."""
+
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.slots = plan_slots(opts)
+        self.stopping_since: float | None = None
+        self._parent = os.getpid()
+
+    def run(self) -> int:
+        """Supervise until every child has exited after a stop signal; the exit status."""
+        self._install_signals()
+        for slot in self.slots:
+            self._start(slot)
+        try:
+            while not self._all_exited():
+                self._tick()
+                time.sleep(0.2)
+        finally:
+            self._kill_all()
+        codes = [s.exit_codes[-1] for s in self.slots if s.exit_codes]
+        return 0 if all(c == 0 for c in codes) else 1
+
+    def _start(self, slot: Slot) -> None:
+        slot.proc = subprocess.Popen(
+            child_command(self.opts, slot), env=child_env(self.opts, slot), cwd=os.getcwd(),
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        slot.started = time.monotonic()
+        log.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", slot.name,
+                 slot.proc.pid, slot.cuda_visible_devices)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is not None:
+                self._exited(slot, now)
+            elif slot.proc is None and self.stopping_since is None and now >= slot.restart_at:
+                self._start(slot)
+        if (self.stopping_since is not None
+                and now - self.stopping_since > self.opts.grace + STOP_MARGIN_S):
+            self._kill_all()
+
+    def _exited(self, slot: Slot, now: float) -> None:
+        assert slot.proc is not None
+        code = slot.proc.returncode
+        slot.exit_codes.append(code)
+        slot.proc = None
+        if self.stopping_since is not None:
+            log.info("worker %s exited (%d)", slot.name, code)
+            return
+        lived = now - slot.started
+        slot.failures = 0 if lived >= HEALTHY_AFTER_S else slot.failures + 1
+        delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** max(0, slot.failures - 1))
+        slot.restart_at = now + delay
+        log.warning("worker %s exited unexpectedly (%s) after %.0fs; restarting in %.0fs",
+                    slot.name, _describe(code), lived, delay)
+
+    def _all_exited(self) -> bool:
+        return self.stopping_since is not None and all(s.proc is None for s in self.slots)
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        name = signal.Signals(signum).name
+        if self.stopping_since is None:
+            self.stopping_since = now
+            log.warning("%s: preempting %d worker(s): checkpoint at the next step, then exit "
+                        "(grace %gs; send it again to exit at once)", name, len(self.slots),
+                        self.opts.grace)
+        elif now - self.stopping_since < 1.0:
+            return  # the same stop delivered twice (a terminal, systemd and us)
+        else:
+            log.warning("%s again: the workers exit at once", name)
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                try:
+                    slot.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_all(self) -> None:
+        """SIGKILL every child still running and reap it."""
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                log.error("worker %s did not exit in time; killing it", slot.name)
+                slot.proc.kill()
+            if slot.proc is not None:
+                slot.proc.wait()
+                slot.exit_codes.append(slot.proc.returncode)
+                slot.proc = None
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def run_workers(opts: WorkerOptions) -> int:
+    """Run `ptutils worker` until stopped; its exit status."""
+    return Launcher(opts).run()

@@ -1,0 +1,260 @@
+"""Task bodies: Train, Eval, Save (DESIGN §6), thin calls into this process's Engine.
+
+One `WorkerContext` per worker process holds the Engine (store opened once, the last
+session kept warm so consecutive chunks of a session skip the rebuild and reload). A
+body runs the task, then enqueues `outcome.successors` (the engine has committed by
+then) and re-sends a task that must wait (`retry_after`) with a countdown. A stale or
+duplicate delivery is a logged no-op; a session failure is recorded on the session by
+the engine and the body returns normally, so the worker takes the next task.
+
+Preemption: SIGTERM (Celery's `worker_shutting_down`) sets the running task's stop flag,
+so the chunk stops at the next step boundary, checkpoints (kind `preempt`), commits and
+enqueues its continuation; Celery's warm shutdown then waits for the body to return.
+If that takes longer than the grace period ($PTUTILS_GRACE, default 30 s), or a second
+SIGTERM arrives, the process exits at once and the session's lease expires instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery import Task as CeleryTask
+from celery import signals
+
+from ptutils.engine import Engine, Outcome
+from ptutils.errors import PtutilsError, SessionNotFound, StoreError
+from ptutils.protocol import EVAL, SAVE, TASK_NAMES, TRAIN, Task
+from ptutils.store import open_store
+from ptutils.store.base import Store
+from workers.app import RECONCILE_TASK, app
+from workers.dispatch import Route, send
+
+log = logging.getLogger("ptutils.worker")
+
+DEFAULT_GRACE = 30.0
+"""Seconds a preempted worker has to checkpoint and exit ($PTUTILS_GRACE)."""
+
+DEFAULT_LEASE_TTL = 60.0
+"""Seconds a lease lives without a heartbeat ($PTUTILS_LEASE_TTL); renewed every ttl/3."""
+
+SIGNAL_DEDUP_S = 1.0
+"""A second SIGTERM within this many seconds of the first is the same preemption
+delivered twice (the launcher forwards it, and systemd or SLURM may signal every
+process of the group too), not a request to exit at once."""
+
+STORE_RETRIES = 5
+"""Times a task whose store was unreachable is re-sent (5 s, 10 s, ... up to 60 s)
+before it is dropped and left to `reconcile`."""
+
+EXIT_ABANDONED = 3
+"""Exit status of a worker that left its task unfinished (grace over, second SIGTERM)."""
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+class WorkerContext:
+    """This process's Engine and store, and the stop flag of the task it runs."""
+
+    def __init__(self, store: Store, worker: str, *, lease_ttl: float) -> None:
+        self.store = store
+        self.engine = Engine(store, worker=worker, lease_ttl=lease_ttl)
+        self.shutting_down = threading.Event()
+        self._current = threading.Event()
+        self._routes: dict[str, Route] = {}
+
+    def begin(self) -> None:
+        """A fresh stop flag for the next task (already set while shutting down)."""
+        stop = threading.Event()
+        self._current = stop
+        self.engine.stop_flag = stop
+        if self.shutting_down.is_set():
+            stop.set()
+
+    def stop_running(self) -> None:
+        """The running task stops at its next step boundary."""
+        self._current.set()
+
+    def shutdown(self) -> None:
+        """Preemption: stop the running task, and every later one before it starts."""
+        self.shutting_down.set()
+        self._current.set()
+
+    def route(self, session_id: str) -> Route:
+        """Queue and priority of a session's messages (read once per session)."""
+        route = self._routes.get(session_id)
+        if route is None:
+            route = Route.of(self.store.get_session(session_id))
+            if len(self._routes) > 1000:
+                self._routes.clear()
+            self._routes[session_id] = route
+        return route
+
+    def execute(self, task: Task) -> Outcome | None:
+        """Run one task and enqueue what follows; None if its session no longer exists."""
+        self.begin()
+        try:
+            outcome = self.engine.run(task)
+        except SessionNotFound:
+            log.info("%s: skipped (the session was deleted)", task)
+            return None
+        _log_outcome(outcome)
+        self.dispatch(outcome)
+        return outcome
+
+    def dispatch(self, outcome: Outcome) -> None:
+        """Enqueue the successors, then the task itself again if it must wait."""
+        pending: list[tuple[Task, float | None]] = [(t, None) for t in outcome.successors]
+        if outcome.retry_after is not None:
+            pending.append((outcome.task, outcome.retry_after))
+        for task, countdown in pending:
+            try:
+                send(app, task, self.route(task.session), countdown=countdown)
+            except PtutilsError as exc:
+                log.error("%s was not enqueued (%s); `ptutils reconcile` will requeue it",
+                          task, exc)
+
+
+def _log_outcome(outcome: Outcome) -> None:
+    if outcome.failed:
+        log.error("%s: session failed: %s", outcome.task, outcome.reason)
+    elif outcome.ran:
+        log.info("%s: done (step %s)", outcome.task, outcome.step)
+    else:
+        log.info("%s: no-op (%s)", outcome.task, outcome.reason)
+
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def context(hostname: str | None = None) -> WorkerContext:
+    """This process's WorkerContext, created (store opened) on first use."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            store = open_store(os.environ.get("PTUTILS_STORE"))
+            worker = f"{hostname or 'celery'}:{os.getpid()}"
+            _context = WorkerContext(
+                store, worker, lease_ttl=_env_float("PTUTILS_LEASE_TTL", DEFAULT_LEASE_TTL)
+            )
+            if _preemption.signalled:
+                _context.shutdown()
+            log.info("worker %s uses store %s", worker, store.url)
+        return _context
+
+
+def stop_running_task() -> None:
+    """Ask the task this process runs (if any) to stop at its next step boundary."""
+    if _context is not None:
+        _context.stop_running()
+
+
+def _run(celery_task: CeleryTask, message: dict[str, Any]) -> dict[str, Any]:
+    task = Task.from_message(message)
+    try:
+        outcome = context(celery_task.request.hostname).execute(task)
+    except StoreError as exc:
+        retries = int(celery_task.request.retries or 0)
+        log.warning("%s: store error (%s); trying again later", task, exc)
+        raise celery_task.retry(exc=exc, countdown=min(60, 5 * 2**retries),
+                                max_retries=STORE_RETRIES) from exc
+    if outcome is None:
+        return {"ran": False, "reason": "session not found"}
+    return {"ran": outcome.ran, "reason": outcome.reason, "step": outcome.step,
+            "failed": outcome.failed}
+
+
+@app.task(name=TASK_NAMES[TRAIN], bind=True)
+def train(self: CeleryTask, **message: Any) -> dict[str, Any]:
+    """Train[start, stop) of a session (message: protocol.Task fields)."""
+    return _run(self, message)
+
+
+@app.task(name=TASK_NAMES[EVAL], bind=True)
+def evaluate(self: CeleryTask, **message: Any) -> dict[str, Any]:
+    """Eval(step) of a session: metrics of its checkpoint at `step`."""
+    return _run(self, message)
+
+
+@app.task(name=TASK_NAMES[SAVE], bind=True)
+def save(self: CeleryTask, **message: Any) -> dict[str, Any]:
+    """Save(step) of a session: retention, best/final marks."""
+    return _run(self, message)
+
+
+@app.task(name=RECONCILE_TASK)
+def reconcile() -> int:
+    """The beat task: requeue lost work of every session (see orchestrator.reconcile)."""
+    from orchestrator.reconcile import reconcile_once  # the one call up to orchestrator/
+
+    return len(reconcile_once(context().store, app))
+
+
+# --- preemption -------------------------------------------------------------------------
+class _Preemption:
+    """First SIGTERM: stop at the next step, arm the grace timer. Second: exit now."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    @property
+    def signalled(self) -> bool:
+        return self.first is not None
+
+    def on_signal(self, sig: str) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            grace = _env_float("PTUTILS_GRACE", DEFAULT_GRACE)
+            log.warning("%s: stopping at the next step boundary, checkpointing "
+                        "(grace %.0fs; a second SIGTERM exits at once)", sig, grace)
+            _stopped.set()
+            if _context is not None:
+                _context.shutdown()
+            timer = threading.Timer(grace, _abandon, args=(f"grace period of {grace:g}s over",))
+            timer.daemon = True
+            timer.start()
+        elif now - self.first > SIGNAL_DEDUP_S:
+            _abandon(f"second {sig}")
+
+
+def _abandon(why: str) -> None:
+    """Exit at once: the running task's lease expires and reconcile requeues it."""
+    log.error("%s: exiting without finishing the running task (its lease will expire)", why)
+    logging.shutdown()
+    os._exit(EXIT_ABANDONED)
+
+
+_preemption = _Preemption()
+_stopped = threading.Event()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(sig: str = "SIGTERM", how: str = "Warm", **_: Any) -> None:
+    _preemption.on_signal(sig)
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    every = _env_float("PTUTILS_WORKER_RECONCILE", 0.0)
+    if every > 0:
+        threading.Thread(target=_reconcile_forever, args=(every,), daemon=True,
+                         name="ptutils-reconcile").start()
+
+
+def _reconcile_forever(every: float) -> None:
+    """The light reconcile loop `ptutils worker` runs in one process per machine."""
+    from orchestrator.reconcile import reconcile_loop  # the one call up to orchestrator/
+
+    options = {"stall_after": _env_float("PTUTILS_STALL_AFTER", 0.0) or None,
+               "eval_stall_after": _env_float("PTUTILS_EVAL_STALL_AFTER", 0.0) or None}
+    store = open_store(os.environ.get("PTUTILS_STORE"))
+    log.info("reconciling %s every %gs", store.url, every)
+    reconcile_loop(store, app, every, stop=_stopped,
+                   **{k: v for k, v in options.items() if v is not None})
