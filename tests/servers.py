@@ -55,6 +55,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when pytest dies, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def uri_with_db(uri: str, db: str) -> str:
     """`uri` pointing at database `db`, keeping options (and the auth database)."""
     parts = urlsplit(uri)
@@ -98,7 +106,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
             )
         _LIVE.add(self)
         deadline = time.monotonic() + timeout
@@ -291,6 +299,8 @@ def mongo_uri(mongo_server: object) -> Iterator[str]:
     """A URI to an empty database of its own; the database is dropped afterwards."""
     import pymongo
 
+    if isinstance(mongo_server, MongoProcess) and not mongo_server.alive:
+        mongo_server.start()  # an earlier test killed it
     name = f"t_{uuid.uuid4().hex[:12]}"
     uri = uri_with_db(mongo_server.uri, name)  # type: ignore[attr-defined]
     yield uri

@@ -235,3 +235,14 @@ def test_stats_plot_writes_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = json.loads(ptutils("stats", "small", "--json", "--store", str(store), check=True).stdout)
     assert len(out["small"]["train/loss"]["steps"]) == 60
+
+
+@pytest.mark.parametrize("example,name", [("digits_cnn.yaml", "digits-cnn"),
+                                          ("custom_module.yaml", "digits-custom")])
+def test_other_examples_run_and_learn(tmp_path, example, name):
+    store = tmp_path / "runs"
+    ptutils("run", f"examples/{example}", "--store", str(store), "-q", check=True)
+    doc, _, _, stats = final_state(store, name)
+    assert doc["status"] == "completed"
+    acc = [p["value"] for p in stats if p["name"] == "test/accuracy"]
+    assert acc[-1] >= 0.9, acc

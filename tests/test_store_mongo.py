@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ptutils import codec
-from ptutils.errors import CheckpointCorrupt, StoreUnavailable
+from ptutils.errors import CheckpointCorrupt, StoreError, StoreUnavailable
 from ptutils.store.base import StatPoint, new_session_doc
 from ptutils.store.mongo import GC_GRACE_S, MongoStore, _db_name, redact_url
 from tests.servers import free_port, uri_with_db
@@ -78,6 +78,10 @@ def test_round_trip_40mb_is_bit_exact_and_split_in_segments(mongo_store: MongoSt
     got = mongo_store.get_checkpoint(sid, 10, "chunk")
     assert got["metrics"]["loss"] != got["metrics"]["loss"]  # NaN metric survives
     assert_bit_exact(state, mongo_store.load_state(got))
+    # Plain GridFS files: any driver reads a segment back.
+    bucket = gridfs.GridFSBucket(mongo_store.db, bucket_name=mongo_store.bucket_name)
+    first = bucket.open_download_stream(got["segments"][0]).read()
+    assert first == state["big"].numpy().tobytes()[: codec.MAX_SEGMENT]
 
 
 def test_second_checkpoint_with_90_percent_unchanged_writes_under_20_percent(
@@ -136,9 +140,11 @@ def test_concurrent_puts_of_the_same_state_store_each_segment_once(
     stores = [MongoStore(mongo_uri) for _ in sids]
     errors: list[BaseException] = []
 
+    written: list[int] = []
+
     def put(store: MongoStore, sid: str) -> None:
         try:
-            store.put_checkpoint(sid, 1, "chunk", state)
+            written.append(store.put_checkpoint(sid, 1, "chunk", state)["bytes_written"])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -151,6 +157,7 @@ def test_concurrent_puts_of_the_same_state_store_each_segment_once(
         store.close()
     assert errors == []
     assert len(files_of(mongo_store)) == 4
+    assert sum(written) == 4 * 500_000 * 4  # each segment written by exactly one of them
     for sid in sids:
         assert_bit_exact(state, mongo_store.load_state(mongo_store.get_checkpoint(sid)))
 
@@ -215,8 +222,8 @@ def test_racing_puts_and_deletes_never_lose_a_committed_segment(
     a, b = new_session(mongo_store, "a"), new_session(mongo_store, "b")
     other = MongoStore(mongo_uri)
     try:
-        for round_ in range(12):
-            state = {"w": torch.full((60_000,), float(round_))}
+        for round_ in range(6):
+            state = {f"w{i}": torch.full((16_000,), round_ * 100.0 + i) for i in range(20)}
             mongo_store.put_checkpoint(a, round_, "chunk", state)
             deleter = threading.Thread(target=mongo_store.delete_checkpoint,
                                        args=(a, round_, "chunk"))  # fmt: skip
@@ -257,15 +264,16 @@ def test_gc_finishes_a_crashed_deletion(mongo_store: MongoStore) -> None:
 # --- statistics --------------------------------------------------------------------------
 def test_replayed_statistics_overwrite_across_batches(mongo_store: MongoStore) -> None:
     sid = new_session(mongo_store)
-    first = [StatPoint("train", s, "loss", float(s), time=1.0) for s in range(8000)]
-    assert mongo_store.write_statistics(sid, first) == 8000
+    first = [StatPoint("train", s, "loss", float(s), time=1.0) for s in range(6000)]
+    assert mongo_store.write_statistics(sid, first) == 6000  # more than one batch
     # A redelivered chunk: half the points again with new values, plus new ones.
-    replay = [StatPoint("train", s, "loss", -float(s), time=2.0) for s in range(4000, 12000)]
-    assert mongo_store.write_statistics(sid, replay) == 8000
+    replay = [StatPoint("train", s, "loss", -float(s), time=2.0) for s in range(3000, 9000)]
+    assert mongo_store.write_statistics(sid, replay) == 6000
     rows = mongo_store.query_statistics(sid)
-    assert len(rows) == 12000
-    assert [r["value"] for r in rows[3999:4001]] == [3999.0, -4000.0]
-    assert mongo_store.db["statistics"].count_documents({"session": sid}) == 12000
+    assert len(rows) == 9000
+    assert [r["value"] for r in rows[2999:3001]] == [2999.0, -3000.0]
+    assert [r["time"] for r in rows[2999:3001]] == [1.0, 2.0]
+    assert mongo_store.db["statistics"].count_documents({"session": sid}) == 9000
 
 
 def test_statistic_names_with_slashes_do_not_collide(mongo_store: MongoStore) -> None:
@@ -296,6 +304,14 @@ def test_url_database_and_redaction(mongo_server: Any) -> None:
     finally:
         store.client.drop_database(name)
         store.close()
+
+
+def test_malformed_url_is_a_store_error_without_the_password() -> None:
+    url = "mongodb://alice:" + "Sup3rSecretPw" + "@127.0.0.1:notaport/db"
+    with pytest.raises(StoreError) as info:
+        MongoStore(url)
+    assert "Sup3rSecretPw" not in "".join(traceback.format_exception(info.value))
+    assert "alice:***@" in str(info.value)
 
 
 def test_indexes_are_created_idempotently(mongo_uri: str) -> None:

@@ -1,9 +1,13 @@
 """Callbacks for worker tests, listed under `imports:` by their configs (never library hooks).
 
-`SlowSteps(seconds)` sleeps after every logged step, so a chunk lasts long enough to be
-killed in its middle; it has no state and draws no random numbers, so it changes
-nothing in the arithmetic. `KillWorkerAt(step)` SIGKILLs the process that runs the step,
-every time (a task that always kills its worker: the poison case).
+`SlowSteps` makes the steps of the process it runs in slow ($PTUTILS_TEST_STEP_SECONDS
+per step, set on the test's worker processes only) and records the last step it logged
+in $PTUTILS_TEST_PROGRESS/<pid>, so a test can kill a worker in the middle of a chunk
+and know where it was. It has no state and draws no random numbers: a reference
+`ptutils run` of the same config, without the variables, computes the same numbers.
+
+`KillWorkerAt(step)` SIGKILLs the process that runs `step`, on every attempt (a task
+that always kills its worker: the poison case).
 """
 
 from __future__ import annotations
@@ -16,16 +20,24 @@ from collections.abc import Sequence
 from ptutils.callbacks import Callback
 from ptutils.registry import register
 
+STEP_SECONDS_ENV = "PTUTILS_TEST_STEP_SECONDS"
+PROGRESS_ENV = "PTUTILS_TEST_PROGRESS"
+
 
 @register
 class SlowSteps(Callback):
-    """Sleep `seconds` at every log point (log_every: 1 makes it every step)."""
-
-    def __init__(self, seconds: float = 0.05) -> None:
-        self.seconds = float(seconds)
+    """Sleep $PTUTILS_TEST_STEP_SECONDS per logged step; record the step reached."""
 
     def on_log(self, step: int, losses: Sequence[tuple[int, float]]) -> None:
-        time.sleep(self.seconds * len(losses))
+        delay = float(os.environ.get(STEP_SECONDS_ENV) or 0)
+        if delay:
+            time.sleep(delay * len(losses))
+        folder = os.environ.get(PROGRESS_ENV)
+        if folder:
+            path = os.path.join(folder, str(os.getpid()))
+            with open(f"{path}.tmp", "w") as f:
+                f.write(str(step))
+            os.replace(f"{path}.tmp", path)
 
 
 @register

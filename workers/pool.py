@@ -17,19 +17,14 @@ continuation, exactly as on SIGTERM.
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
 
 log = logging.getLogger("ptutils.worker")
 
 
 class TaskPool(ThreadTaskPool):
-    """Celery's thread pool, limited to one thread, with a cooperative terminate_job."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["limit"] = 1
-        super().__init__(*args, **kwargs)
+    """Celery's thread pool (one thread: worker_concurrency = 1) with a cooperative
+    terminate_job."""
 
     def terminate_job(self, pid: int | None, signal: int | None = None) -> None:
         """Stop the running task at its next step boundary (it checkpoints first)."""

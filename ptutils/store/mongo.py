@@ -281,7 +281,7 @@ class MongoStore(Store):
             self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
                 url, **self._client_options(url)
             )
-        except PyMongoError as exc:  # a malformed URL, a mongodb+srv name that won't resolve
+        except (PyMongoError, ValueError) as exc:  # malformed URL, unresolvable mongodb+srv
             raise StoreError(
                 f"cannot open MongoDB at {self.url}: {self._scrub(str(exc))}"
             ) from None

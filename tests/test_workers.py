@@ -1,0 +1,537 @@
+"""The Celery cluster end to end: real `ptutils worker` processes, redis-server, MongoDB.
+
+Every session here runs the same small digits config (60 steps, chunks of 20) that a
+reference `ptutils run` trains in one process; whatever happens to the workers (SIGKILL,
+SIGTERM, a broker that restarts empty, duplicated messages) the final checkpoint must
+be bit-identical to that reference, with every statistic written once.
+
+Steps are slowed down on the workers only (tests/worker_fixtures.SlowSteps reads
+$PTUTILS_TEST_STEP_SECONDS), so a chunk lasts long enough to be interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.submit import prepare, submit
+from ptutils.protocol import TRAIN, Task
+from ptutils.store import open_store
+from ptutils.store.mongo import MongoStore
+from tests.servers import RedisProcess, uri_with_db
+from tests.test_run import assert_bit_identical
+from workers.app import make_app
+from workers.dispatch import Route, send
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = str(ROOT / "tests" / "worker_fixtures.py")
+PY = sys.executable
+LEASE_TTL = 3.0
+SEEDS = (1, 2, 3)
+_redis_dbs = itertools.count(1)
+_live: list[Worker] = []
+
+
+# --- configs and reference runs --------------------------------------------------------
+def config(seed: int = 1, **session: Any) -> dict[str, Any]:
+    return {
+        "name": "digits",
+        "imports": [FIXTURES],
+        "session": {"total_steps": 60, "chunk_steps": 20, "eval_every": 20, "log_every": 1,
+                    "seed": seed, "retention": {"keep_last": 10}, **session},
+        "model": {
+            "network": {"type": "ptutils.nets.MLP", "in_features": 64, "hidden": [32],
+                        "out_features": 10, "dropout": 0.2},
+            "optimizer": {"type": "torch.optim.Adam", "lr": 0.003},
+            "scheduler": {"type": "torch.optim.lr_scheduler.StepLR", "step_size": 25,
+                          "gamma": 0.5},
+        },
+        "data": {"batch_size": 32, "seed": 1, "datasets": {
+            "train": {"type": "ptutils.data.DigitsReader",
+                      "split": {"fraction": 0.8, "part": "train"}},
+            "test": {"type": "ptutils.data.DigitsReader",
+                     "split": {"fraction": 0.8, "part": "test"}}}},
+        "eval": {"targets": {"test": {"data": "test", "metrics": ["loss", "accuracy"]}}},
+        "callbacks": [{"type": "worker_fixtures.SlowSteps"}],
+    }
+
+
+def write_config(folder: Path, cfg: dict[str, Any], name: str = "exp.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def ptutils(*args: str, env: dict[str, str] | None = None, timeout: float = 180
+            ) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([PY, "-m", "orchestrator.cli", *args], cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Any, list]]:
+    """Seed -> (final state, statistics) of `ptutils run` of the config, uninterrupted."""
+    folder = tmp_path_factory.mktemp("reference")
+    path = write_config(folder, config())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = {
+        seed: subprocess.Popen(
+            [PY, "-m", "orchestrator.cli", "run", str(path), "--set", f"session.seed={seed}",
+             "--name", f"ref{seed}", "--store", str(folder / "runs"), "-q"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for seed in SEEDS
+    }
+    for seed, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    refs = {}
+    with open_store(folder / "runs") as store:
+        for seed in SEEDS:
+            doc = store.get_session(f"ref{seed}")
+            refs[seed] = (store.load_state(store.get_checkpoint(doc["_id"])),
+                          series(store.query_statistics(doc["_id"])))
+    return refs
+
+
+def series(points: list[dict[str, Any]]) -> list[tuple[str, int, str, float]]:
+    return [(p["phase"], p["step"], p["name"], p["value"]) for p in points]
+
+
+def assert_matches_reference(store: MongoStore, ref: str, reference: dict, seed: int) -> None:
+    """Completed, final checkpoint bit-identical to `ptutils run`, every point once."""
+    doc = store.get_session(ref)
+    assert doc["status"] == "completed", doc.get("error")
+    ckpt = store.get_checkpoint(doc["_id"])
+    assert ckpt["step"] == 60
+    state, stats = reference[seed]
+    assert_bit_identical(state, store.load_state(ckpt))
+    got = series(store.query_statistics(doc["_id"]))
+    keys = [p[:3] for p in got]
+    assert len(keys) == len(set(keys)), "a statistic was written twice"
+    assert got == stats
+    assert [p[1] for p in got if p[0] == "train" and p[2] == "loss"] == list(range(1, 61))
+
+
+# --- servers and workers ---------------------------------------------------------------
+@pytest.fixture
+def redis_db(redis_server: RedisProcess) -> str:
+    """A broker URL on a database of the session's redis-server no other test uses."""
+    import redis
+
+    if not redis_server.alive:
+        redis_server.start()
+    db = next(_redis_dbs) % 16 or next(_redis_dbs)
+    url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+def new_store_uri(mongo_server: Any) -> str:
+    return uri_with_db(mongo_server.uri, f"w_{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def store_uri(mongo_server: Any) -> Iterator[str]:
+    uri = new_store_uri(mongo_server)
+    yield uri
+    _drop(uri)
+
+
+def _drop(uri: str) -> None:
+    import pymongo
+
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=3000)
+    try:
+        client.drop_database(client.get_default_database().name)
+    except pymongo.errors.PyMongoError:
+        pass
+    finally:
+        client.close()
+
+
+class Worker:
+    """A `ptutils worker` (the launcher and its child) with its log file."""
+
+    def __init__(self, name: str, broker: str, store: str, folder: Path, *args: str,
+                 step_seconds: float = 0.0, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.folder = folder
+        self.progress = folder / f"progress-{name}"
+        self.progress.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / f"{name}.log"
+        cmd = [PY, "-m", "orchestrator.cli", "worker", "--gpus", "none", "--name", name,
+               "--broker", broker, "--store", store, "--lease-ttl", str(LEASE_TTL),
+               "--reconcile-every", "0.5", "--stall-after", "3", "--grace", "20",
+               "--loglevel", "info", *args]
+        full = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_TEST_PROGRESS": str(self.progress),
+                "PTUTILS_TEST_STEP_SECONDS": str(step_seconds), **(env or {})}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        _live.append(self)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> Worker:
+        wait_for(lambda: " ready." in self.log, timeout, f"worker {self.name} ready",
+                 alive=self)
+        return self
+
+    def owns(self, lease: dict[str, Any] | None) -> bool:
+        return bool(lease) and str(lease.get("worker", "")).startswith(f"{self.name}-")
+
+    def last_step(self) -> int:
+        """The last step a process of this worker logged (SlowSteps progress files)."""
+        steps = [int(p.read_text()) for p in self.progress.iterdir() if p.suffix != ".tmp"]
+        return max(steps, default=0)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """`sig` to the launcher (its children follow: forwarded, or PDEATHSIG)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self in _live:
+            _live.remove(self)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Factory of Worker processes, all stopped at the end of the test (even on failure)."""
+    started: list[Worker] = []
+
+    def make(name: str, broker: str, store: str, *args: str, **kwargs: Any) -> Worker:
+        w = Worker(name, broker, store, tmp_path / "workers", *args, **kwargs)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.stop()
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, *,
+             alive: Worker | None = None, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        if alive is not None and alive.proc.poll() is not None:
+            raise AssertionError(f"{alive.name} exited ({alive.proc.returncode}):\n"
+                                 f"{alive.log[-4000:]}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def submit_configs(store: MongoStore, broker: str, folder: Path, *seeds: int,
+                   name: str = "digits", **session: Any) -> list[str]:
+    """Submit one session per seed through the Python API (prepare + submit)."""
+    path = write_config(folder, config(**session))
+    ids = []
+    for seed in seeds:
+        prepared = prepare(path, [f"session.seed={seed}"], name=f"{name}-{seed}")
+        ids += [s.session for s in submit(store, make_app(broker), prepared)]
+    return ids
+
+
+def wait_done(store: MongoStore, ids: list[str], timeout: float,
+              workers: tuple[Worker, ...] = ()) -> None:
+    def finished() -> bool:
+        return all(store.get_session(i)["status"] in ("completed", "failed") for i in ids)
+
+    try:
+        wait_for(finished, timeout, "the sessions to finish")
+    except AssertionError:
+        for w in workers:
+            print(f"--- {w.name} log ---\n{w.log[-6000:]}")
+        raise
+
+
+def holder(store: MongoStore, sid: str, candidates: tuple[Worker, ...]) -> Worker | None:
+    lease = store.get_session(sid).get("lease")
+    return next((w for w in candidates if w.owns(lease)), None)
+
+
+# --- tests -------------------------------------------------------------------------------
+def test_sweep_of_three_sessions_on_two_workers_matches_ptutils_run(
+        tmp_path, redis_db, store_uri, workers, reference):
+    a = workers("a", redis_db, store_uri)
+    b = workers("b", redis_db, store_uri)
+    path = write_config(tmp_path, config())
+    out = ptutils("submit", str(path), "--sweep", "session.seed=1,2,3", "--name", "grid",
+                  "--store", store_uri, "--broker", redis_db, "--json")
+    assert out.returncode == 0, out.stderr
+    submitted = json.loads(out.stdout)
+    assert [s["name"] for s in submitted] == ["grid-seed=1", "grid-seed=2", "grid-seed=3"]
+    assert len({s["sweep"] for s in submitted}) == 1 and submitted[0]["sweep"]
+    a.wait_ready(), b.wait_ready()
+    with MongoStore(store_uri) as store:
+        ids = [s["session"] for s in submitted]
+        wait_done(store, ids, 120, (a, b))
+        for seed, sid in zip(SEEDS, ids):
+            assert_matches_reference(store, sid, reference, seed)
+        assert {d["sweep"] for d in store.find_sessions(sweep=submitted[0]["sweep"])} == {
+            submitted[0]["sweep"]}
+    assert "Train[" in a.log and "Train[" in b.log, "both workers took chunks"
+    rows = json.loads(ptutils("status", "--json", "--sweep", submitted[0]["sweep"],
+                              "--store", store_uri).stdout)
+    assert [(r["name"], r["status"], r["step"]) for r in rows] == [
+        (f"grid-seed={s}", "completed", 60) for s in SEEDS]
+    assert all(r["loss"] is not None and "test/accuracy" in r["eval"] for r in rows)
+    table = ptutils("status", "--store", store_uri).stdout
+    assert "grid-seed=2" in table and "60/60" in table
+
+
+def test_sigkill_mid_chunk_continues_on_the_other_worker(
+        tmp_path, redis_db, store_uri, workers, reference):
+    a = workers("a", redis_db, store_uri, step_seconds=0.1).wait_ready()
+    b = workers("b", redis_db, store_uri, step_seconds=0.1).wait_ready()
+    with MongoStore(store_uri) as store:
+        (sid,) = submit_configs(store, redis_db, tmp_path, 1)
+
+        def mid_chunk() -> Worker | None:
+            doc = store.get_session(sid)
+            w = holder(store, sid, (a, b))
+            return w if doc["step"] == 20 and w and w.last_step() >= 25 else None
+
+        victim = wait_for(mid_chunk, 60, "a worker in the middle of Train[20,40)")
+        other = b if victim is a else a
+        victim.kill(signal.SIGKILL)
+        killed = time.monotonic()
+        victim.proc.wait(timeout=10)
+        taken = wait_for(lambda: other.owns(store.get_session(sid).get("lease")),
+                         LEASE_TTL + 5, "the other worker to take the session over")
+        assert taken and time.monotonic() - killed <= LEASE_TTL + 5
+        wait_done(store, [sid], 60, (other,))
+        assert_matches_reference(store, sid, reference, 1)
+        assert store.get_session(sid)["attempts"] == 0
+    assert "expired" in other.log, "reconcile requeued the session after its lease expired"
+
+
+def test_sigterm_checkpoints_the_current_step_and_requeues(
+        tmp_path, redis_db, store_uri, workers, reference):
+    a = workers("a", redis_db, store_uri, step_seconds=0.1).wait_ready()
+    with MongoStore(store_uri) as store:
+        (sid,) = submit_configs(store, redis_db, tmp_path, 2)
+        wait_for(lambda: store.get_session(sid)["step"] == 20 and a.last_step() >= 25, 60,
+                 "Train[20,40) under way", alive=a)
+        before = a.last_step()
+        a.kill(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert a.proc.wait(timeout=25) == 0
+        assert time.monotonic() - stopped < 20, "exited within the grace period"
+        reached = a.last_step()
+        doc = store.get_session(sid)
+        assert doc["checkpoint"] == {"step": reached, "kind": "preempt"}
+        assert before <= reached <= before + 2, "stopped at the next step boundary"
+        assert doc["step"] == reached and doc["lease"] is None
+        store.load_state(store.get_checkpoint(sid, reached, "preempt"))
+        b = workers("b", redis_db, store_uri).wait_ready()
+        wait_done(store, [sid], 60, (b,))
+        assert f"Train[{reached},40)" in b.log, "the continuation was requeued"
+        assert_matches_reference(store, sid, reference, 2)
+    assert "Warm shutdown" in a.log
+
+
+def test_duplicated_train_message_does_the_work_once(
+        tmp_path, redis_db, store_uri, workers, reference):
+    a = workers("a", redis_db, store_uri, step_seconds=0.02)
+    b = workers("b", redis_db, store_uri, step_seconds=0.02)
+    with MongoStore(store_uri) as store:
+        (sid,) = submit_configs(store, redis_db, tmp_path, 3)
+        doc = store.get_session(sid)
+        first = Task(TRAIN, sid, doc["token"], start=0, stop=20)
+        send(make_app(redis_db), first, Route.of(doc))  # the same message, twice
+        a.wait_ready(), b.wait_ready()
+        wait_done(store, [sid], 90, (a, b))
+        assert_matches_reference(store, sid, reference, 3)
+        assert store.get_session(sid)["attempts"] == 0
+        kinds = [(c["step"], c["kind"]) for c in store.list_checkpoints(sid)]
+        assert kinds == [(20, "chunk"), (40, "chunk"), (60, "final")]
+    logs = a.log + b.log
+    assert logs.count(f"Train[0,20) of {sid[:8]}: done") == 1
+    assert logs.count(f"Train[0,20) of {sid[:8]}: no-op") == 1
+
+
+def test_config_failing_on_the_worker_fails_the_session_and_the_worker_goes_on(
+        tmp_path, redis_db, store_uri, workers, reference):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = tmp_path / "digits.npz"
+    np.savez(data, x=(digits.data / 16).astype("float32"), y=digits.target.astype("int64"))
+    cfg = config()
+    cfg["data"]["datasets"]["train"] = {"type": "ptutils.data.NpzReader", "path": str(data)}
+    path = write_config(tmp_path, cfg, "npz.yaml")
+    a = workers("a", redis_db, store_uri).wait_ready()
+    with MongoStore(store_uri) as store:
+        prepared = prepare(path, name="needs-file")  # validated with the file present
+        data.unlink()  # ... which this worker's machine does not have
+        (bad,) = [s.session for s in submit(store, make_app(redis_db), prepared)]
+        (good,) = submit_configs(store, redis_db, tmp_path, 1)
+        wait_done(store, [bad, good], 90, (a,))
+        doc = store.get_session(bad)
+        assert doc["status"] == "failed"
+        assert "digits.npz" in doc["error"]["message"]
+        assert doc["error"]["worker"].startswith("a-cpu0@")
+        assert a.proc.poll() is None and "exited unexpectedly" not in a.log
+        assert_matches_reference(store, good, reference, 1)
+
+
+def test_a_task_that_keeps_killing_its_worker_fails_after_max_attempts(
+        tmp_path, redis_db, store_uri, workers):
+    cfg = config(max_attempts=2)
+    cfg["callbacks"].append({"type": "worker_fixtures.KillWorkerAt", "step": 25})
+    path = write_config(tmp_path, cfg, "poison.yaml")
+    a = workers("a", redis_db, store_uri).wait_ready()
+    with MongoStore(store_uri) as store:
+        prepared = prepare(path, name="poison")
+        (sid,) = [s.session for s in submit(store, make_app(redis_db), prepared)]
+        wait_done(store, [sid], 120, (a,))
+        doc = store.get_session(sid)
+        assert doc["status"] == "failed"
+        assert "max_attempts=2" in doc["error"]["message"]
+        assert doc["step"] == 20, "the checkpoint before the poison step is kept"
+        store.load_state(store.get_checkpoint(sid, 20))
+    assert a.log.count("exited unexpectedly (killed by SIGKILL)") == 2
+    assert a.proc.poll() is None, "the launcher stays up"
+
+
+def test_broker_restarted_empty_reconcile_requeues_and_all_complete(
+        tmp_path, redis_process, store_uri, workers, reference):
+    redis = redis_process()
+    broker = redis.url
+    a = workers("a", broker, store_uri, "--reconcile-every", "0", step_seconds=0.03)
+    b = workers("b", broker, store_uri, "--reconcile-every", "0", step_seconds=0.03)
+    a.wait_ready(), b.wait_ready()
+    reconciler = subprocess.Popen(
+        [PY, "-m", "orchestrator.cli", "reconcile", "--every", "0.5", "--stall-after", "3",
+         "--eval-stall-after", "3", "--store", store_uri, "--broker", broker, "--json"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with MongoStore(store_uri) as store:
+            ids = submit_configs(store, broker, tmp_path, 1, 2, 3)
+            wait_for(lambda: any(store.get_session(i)["step"] >= 20 for i in ids), 60,
+                     "a first chunk")
+            redis.kill()
+            time.sleep(1.0)
+            redis.start()  # no persistence: every queued message is gone
+            wait_done(store, ids, 120, (a, b))
+            for seed, sid in zip(SEEDS, ids):
+                assert_matches_reference(store, sid, reference, seed)
+    finally:
+        os.killpg(reconciler.pid, signal.SIGTERM)
+        out, _ = reconciler.communicate(timeout=30)
+    requeued = [r for line in out.splitlines() if line.startswith("[")
+                for r in json.loads(line)]
+    assert requeued, f"reconcile requeued nothing:\n{out[-3000:]}"
+    assert {r["session"] for r in requeued} <= set(ids)
+
+
+def test_celery_inspect_active_lists_the_running_train_task(
+        tmp_path, redis_db, store_uri, workers):
+    a = workers("a", redis_db, store_uri, step_seconds=0.2).wait_ready()
+    with MongoStore(store_uri) as store:
+        (sid,) = submit_configs(store, redis_db, tmp_path, 1)
+        wait_for(lambda: a.owns(store.get_session(sid).get("lease")), 60, "a running chunk",
+                 alive=a)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_BROKER": redis_db}
+        out = subprocess.run([PY, "-m", "celery", "-A", "workers.app", "inspect", "active",
+                              "--json", "--timeout", "5"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        replies = json.loads(out.stdout)
+        node = f"a-cpu0@{socket.gethostname()}"
+        active = replies[node]
+        assert [t["name"] for t in active] == ["ptutils.train"]
+        assert active[0]["kwargs"]["session"] == sid and active[0]["kwargs"]["start"] == 0
+        # cancel: the running chunk stops at its next lease renewal, nothing more is done
+        cancelled = ptutils("cancel", sid, "--store", store_uri)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+        wait_for(lambda: "work discarded" in a.log, LEASE_TTL + 5, "the chunk to stop",
+                 alive=a)
+        doc = store.get_session(sid)
+        assert doc["status"] == "cancelled" and doc["step"] == 0
+        assert store.list_checkpoints(sid) == []
+
+
+def test_submit_refuses_bad_input_and_unreachable_broker_storing_nothing(
+        tmp_path, redis_db, store_uri):
+    cfg = config()
+    cfg["model"]["network"]["in_features"] = 63
+    bad = write_config(tmp_path, cfg, "bad.yaml")
+    out = ptutils("submit", str(bad), "--store", store_uri, "--broker", redis_db)
+    assert out.returncode == 2 and "in_features" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+    good = write_config(tmp_path, config(), "good.yaml")
+    dead = "redis://:s3cret@127.0.0.1:1/0"
+    out = ptutils("submit", str(good), "--store", store_uri, "--broker", dead)
+    assert out.returncode == 3, out.stderr
+    assert "127.0.0.1:1" in out.stderr and "s3cret" not in out.stderr
+    with MongoStore(store_uri) as store:
+        assert store.find_sessions() == []
+
+
+@pytest.mark.skipif(os.environ.get("PTUTILS_TEST_AMQP_URL") == "skip",
+                    reason="PTUTILS_TEST_AMQP_URL=skip")
+def test_rabbitmq_broker_runs_a_session_end_to_end(tmp_path, store_uri, workers, reference):
+    url = os.environ.get("PTUTILS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    app = make_app(url)
+    from workers.dispatch import check_broker
+
+    try:
+        check_broker(app, timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no RabbitMQ at {url} ({exc}); set PTUTILS_TEST_AMQP_URL")
+    queues = ("train", "eval", "save")
+    _purge(app, queues)
+    a = workers("a", url, store_uri).wait_ready()
+    try:
+        with MongoStore(store_uri) as store:
+            (sid,) = submit_configs(store, url, tmp_path, 2)
+            wait_done(store, [sid], 90, (a,))
+            assert_matches_reference(store, sid, reference, 2)
+    finally:
+        a.stop()
+        _purge(app, queues)
+
+
+def _purge(app: Any, queues: tuple[str, ...]) -> None:
+    with app.connection_for_write() as conn:
+        for q in queues:
+            try:
+                conn.default_channel.queue_purge(q)
+            except Exception:  # noqa: BLE001 - a queue that does not exist yet
+                conn.close()
+                conn.connect()
