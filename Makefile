@@ -6,26 +6,33 @@ PIP    := $(PY) -m pip
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast lint bench clean example
+.PHONY: install dev test test-fast lint bench clean example
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# `make install`: what `ptutils run` needs; `make dev`: plus test and lint tools.
 install: $(VENV)/.installed
+
+dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: setup.cfg pyproject.toml | $(PY)
 	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[data,plot]" "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev,data,plot]" "$(TORCH)"
 	touch $@
 
-test: install
+test: dev
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-lint: install
+lint: dev
 	$(VENV)/bin/ruff check ptutils workers orchestrator tests bench examples
 
-bench: install
+bench: dev
 	$(PY) -m bench
 
 example: install

@@ -46,12 +46,13 @@ def nx_server(folder: Path) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     binary = Path(sys.executable).parent / "nx-27017"
-    log = open(folder / "nx.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(binary), "--host", "127.0.0.1", "-p", str(port), "--data-dir", str(folder / "data"),
-         "--log-file", str(folder / "nx-internal.log"), "--pid-file", str(folder / "nx.pid")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    with open(folder / "nx.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(binary), "--host", "127.0.0.1", "-p", str(port), "--data-dir",
+             str(folder / "data"), "--log-file", str(folder / "nx-internal.log"),
+             "--pid-file", str(folder / "nx.pid")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     uri = f"mongodb://127.0.0.1:{port}"
     try:
         client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=30_000)
@@ -62,7 +63,6 @@ def nx_server(folder: Path) -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        log.close()
 
 
 def row(case: str, value: float, unit: str) -> dict[str, Any]:

@@ -275,8 +275,9 @@ def reconcile(every: float | None, stall_after: float | None, eval_stall_after: 
                                  ("eval_stall_after", eval_stall_after)) if v is not None}
 
     def show(done: list[Any]) -> None:
+        if as_json and (done or every is None):
+            click.echo(json.dumps([r.to_dict() for r in done]))
         if as_json:
-            click.echo(json.dumps([r.to_dict() for r in done]), nl=True)
             return
         for r in done:
             click.echo(f"{r.name} ({r.session[:8]}): {r.reason}; requeued "

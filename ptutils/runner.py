@@ -48,6 +48,9 @@ def validate(config: Mapping[str, Any]) -> Session:
     """Build the session dry on CPU: a bad config fails here, before anything is stored."""
     session = build_session(dict(config))
     session.check_shapes()
+    # The RNG state a Train[0, K) task starts from. `run_session` adopts this session
+    # later, after imports that may draw from the global generators (rich does).
+    session._rng_at_build = get_rng_state()
     return session
 
 
@@ -158,7 +161,7 @@ def run_session(
     """Run every task of the plan until the session is finished (or stopped)."""
     engine = Engine(store, worker=local_worker_id(), progress=progress, stop_flag=stop_flag)
     if warm is not None and doc["step"] == 0 and not doc.get("checkpoint"):
-        engine.adopt(doc, warm, get_rng_state())
+        engine.adopt(doc, warm, getattr(warm, "_rng_at_build", None) or get_rng_state())
     started = time.time()
     queue = deque(t for t in [train_task(doc)] if t is not None)
     while queue:

@@ -55,12 +55,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when pytest dies, even by SIGKILL (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _pdeathsig() -> Callable[[], object] | None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), looked up once in the parent (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, int(signal.SIGKILL), 0, 0, 0)
+
+
+_DIE_WITH_PARENT = _pdeathsig()
+"""Run in the forked child: it gets SIGKILL when pytest dies, even by SIGKILL."""
 
 
 def uri_with_db(uri: str, db: str) -> str:
@@ -106,7 +112,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_DIE_WITH_PARENT,
             )
         _LIVE.add(self)
         deadline = time.monotonic() + timeout

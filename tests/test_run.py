@@ -62,7 +62,7 @@ def write(tmp_path: Path, cfg: dict, name: str = "exp.yaml") -> Path:
     return path
 
 
-def final_state(store_dir: Path, name: str):
+def final_state(store_dir: Path | str, name: str):
     with open_store(store_dir) as store:
         doc = store.get_session(name)
         ckpt = store.get_checkpoint(doc["_id"])
@@ -246,3 +246,18 @@ def test_other_examples_run_and_learn(tmp_path, example, name):
     assert doc["status"] == "completed"
     acc = [p["value"] for p in stats if p["name"] == "test/accuracy"]
     assert acc[-1] >= 0.9, acc
+
+
+def test_run_on_mongodb_resumes_bit_identical_to_the_local_store(tmp_path, mongo_uri):
+    """`ptutils run --store mongodb://...`: killed, resumed, and equal to a local run."""
+    cfg = small_config(tmp_path)
+    cfg["callbacks"][0]["step"] = 33
+    path = write(tmp_path, cfg)
+    assert ptutils("run", str(path), "--store", mongo_uri, "-q").returncode == -9
+    ptutils("run", str(path), "--store", mongo_uri, "-q", "--resume", check=True)
+    ptutils("run", str(path), "--store", str(tmp_path / "local"), "-q", check=True)
+    doc_m, ckpt_m, state_m, stats_m = final_state(mongo_uri, "small")
+    doc_l, ckpt_l, state_l, stats_l = final_state(tmp_path / "local", "small")
+    assert doc_m["status"] == doc_l["status"] == "completed"
+    assert_bit_identical(state_m, state_l)
+    assert series(stats_m) == series(stats_l)

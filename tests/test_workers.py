@@ -96,7 +96,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Any, 
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for seed in SEEDS
     }
-    for seed, proc in procs.items():
+    for proc in procs.values():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
     refs = {}
@@ -292,7 +292,8 @@ def test_sweep_of_three_sessions_on_two_workers_matches_ptutils_run(
     submitted = json.loads(out.stdout)
     assert [s["name"] for s in submitted] == ["grid-seed=1", "grid-seed=2", "grid-seed=3"]
     assert len({s["sweep"] for s in submitted}) == 1 and submitted[0]["sweep"]
-    a.wait_ready(), b.wait_ready()
+    a.wait_ready()
+    b.wait_ready()
     with MongoStore(store_uri) as store:
         ids = [s["session"] for s in submitted]
         wait_done(store, ids, 120, (a, b))
@@ -370,7 +371,8 @@ def test_duplicated_train_message_does_the_work_once(
         doc = store.get_session(sid)
         first = Task(TRAIN, sid, doc["token"], start=0, stop=20)
         send(make_app(redis_db), first, Route.of(doc))  # the same message, twice
-        a.wait_ready(), b.wait_ready()
+        a.wait_ready()
+        b.wait_ready()
         wait_done(store, [sid], 90, (a, b))
         assert_matches_reference(store, sid, reference, 3)
         assert store.get_session(sid)["attempts"] == 0
@@ -432,7 +434,8 @@ def test_broker_restarted_empty_reconcile_requeues_and_all_complete(
     broker = redis.url
     a = workers("a", broker, store_uri, "--reconcile-every", "0", step_seconds=0.03)
     b = workers("b", broker, store_uri, "--reconcile-every", "0", step_seconds=0.03)
-    a.wait_ready(), b.wait_ready()
+    a.wait_ready()
+    b.wait_ready()
     reconciler = subprocess.Popen(
         [PY, "-m", "orchestrator.cli", "reconcile", "--every", "0.5", "--stall-after", "3",
          "--eval-stall-after", "3", "--store", store_uri, "--broker", broker, "--json"],

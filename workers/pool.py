@@ -17,6 +17,7 @@ continuation, exactly as on SIGTERM.
 from __future__ import annotations
 
 import logging
+
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
 
 log = logging.getLogger("ptutils.worker")

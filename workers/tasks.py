@@ -54,6 +54,42 @@ EXIT_ABANDONED = 3
 """Exit status of a worker that left its task unfinished (grace over, second SIGTERM)."""
 
 
+LIBRARY_RNG_USERS = (
+    "pymongo.message", "pymongo.helpers_shared", "pymongo.synchronous.topology",
+    "pymongo.synchronous.client_session", "redis.backoff", "kombu.utils.functional",
+    "celery.utils.time",
+)
+"""Modules that draw from Python's global `random` in the worker's other threads."""
+
+
+def isolate_library_rngs() -> None:
+    """Give the libraries of LIBRARY_RNG_USERS a generator of their own.
+
+    Python's global `random` is part of a session's State (DESIGN §4.4), and the chunk's
+    thread shares it with every other thread of the worker: pymongo draws a request id
+    from it for every message (heartbeats, statistics), kombu and redis-py draw retry
+    jitter. Left alone, those draws would land between the training steps in an order
+    that depends on timing, and resumed runs would not be bit-identical.
+    """
+    import importlib
+    import random
+
+    private = random.Random()
+    for name in LIBRARY_RNG_USERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "random", None) is random:
+            module.random = private  # type: ignore[attr-defined]
+    try:
+        import pymongo.topology_description as description
+
+        description.sample = private.sample  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+
+
 def _env_float(name: str, default: float) -> float:
     return float(os.environ.get(name) or default)
 
@@ -232,6 +268,7 @@ def _abandon(why: str) -> None:
 
 
 _preemption = _Preemption()
+isolate_library_rngs()
 _stopped = threading.Event()
 
 

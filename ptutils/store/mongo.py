@@ -84,6 +84,7 @@ STAT_BATCH = 5000
 """Statistic points per insert."""
 
 _SEGMENT_ATTEMPTS = 4
+_COMMIT_ATTEMPTS = 4
 _CKPT_RESERVED = frozenset(
     {"_id", "session", "step", "kind", "manifest", "checksum", "segments", "size",
      "created", "state", "bytes_written", "deleting_since"}
@@ -222,6 +223,26 @@ def _is_duplicate(exc: PyMongoError) -> bool:
     )
 
 
+def _recut(pieces: Iterable[memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of `pieces` as `size`-byte chunks (the last may be shorter)."""
+    pending = bytearray()
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view:
+            if not pending and len(view) >= size:
+                yield bytes(view[:size])
+                view = view[size:]
+                continue
+            take = size - len(pending)
+            pending += view[:take]
+            view = view[take:]
+            if len(pending) == size:
+                yield bytes(pending)
+                pending.clear()
+    if pending:
+        yield bytes(pending)
+
+
 class _SegmentStream(io.RawIOBase):
     """A stored segment as a raw stream with `readinto`, so the codec fills tensors
     straight from the chunks, a few MiB at a time, without a full copy.
@@ -264,7 +285,10 @@ class _SegmentStream(io.RawIOBase):
 
 
 class MongoStore(Store):
-    """Sessions, checkpoints and statistics on a MongoDB server (or replica set)."""
+    """Sessions, checkpoints and statistics on a MongoDB server (or replica set).
+
+    Thread-safe. Open one per process: a pymongo client must not cross a fork.
+    """
 
     def __init__(
         self,
@@ -290,6 +314,7 @@ class MongoStore(Store):
         self._sessions = self.db["sessions"]
         self._ckpts = self.db["checkpoints"]
         self._stats = self.db["statistics"]
+        # Underscores, not dots: nx-27017 only accepts dotted names for GridFS collections.
         self._uploads = self.db[f"{bucket}_uploads"]
         self._deletions = self.db[f"{bucket}_deletions"]
         self._files = self.db[f"{bucket}.files"]
@@ -493,8 +518,11 @@ class MongoStore(Store):
         at any point leaves no checkpoint or a complete one (checkpoint before advance).
         """
         step, kind = int(step), str(_plain(kind))
-        if self._retry("reading session", lambda _: self._sessions.find_one({"_id": session_id},
-                                                                            {"_id": 1})) is None:
+        found = self._retry(
+            f"reading session {session_id}",
+            lambda _: self._sessions.find_one({"_id": session_id}, {"_id": 1}),
+        )
+        if found is None:
             raise SessionNotFound(f"no session with id {session_id!r} in {self.url}")
         encoded = codec.encode(state)
         hashes = [s.hash for s in encoded.segments]
@@ -544,7 +572,7 @@ class MongoStore(Store):
         there the old document is deleted and the new one inserted.
         """
         key = {"_id": doc["_id"]}
-        for _ in range(_SEGMENT_ATTEMPTS):
+        for _ in range(_COMMIT_ATTEMPTS):
             old = self._ckpts.find_one(key, {"manifest": 0})
             if old is None:
                 try:
@@ -560,8 +588,10 @@ class MongoStore(Store):
             rest = {k: v for k, v in doc.items() if k not in ("_id", "manifest")}
             self._ckpts.update_one(key, {"$set": rest})
             return old
-        raise StoreError(f"MongoDB at {self.url}: checkpoint {doc['_id']} kept changing "
-                         "while it was written; is another process writing it?")
+        raise StoreError(
+            f"MongoDB at {self.url}: checkpoint {doc['_id']} kept changing while it was "
+            "written; is another process writing the same checkpoint?"
+        )
 
     def get_checkpoint(
         self, session_id: str, step: int | None = None, kind: str | None = None
@@ -776,8 +806,8 @@ class MongoStore(Store):
         """
         batch: list[dict[str, Any]] = []
         try:
-            for n, piece in enumerate(seg.chunks(CHUNK_SIZE)):
-                batch.append({"files_id": seg.hash, "n": n, "data": bytes(piece)})
+            for n, data in enumerate(_recut(seg.chunks(), CHUNK_SIZE)):
+                batch.append({"files_id": seg.hash, "n": n, "data": data})
                 if len(batch) == CHUNK_BATCH:
                     self._chunks.insert_many(batch)
                     batch = []
