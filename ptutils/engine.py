@@ -88,6 +88,9 @@ class Engine:
         if stale:
             log.info("%s: skipped (%s)", task, stale)
             return Outcome(task, False, stale)
+        waiting = self._eval_missing(doc, task.start)
+        if waiting is not None:  # checked before the lease: waiting is not an attempt
+            return Outcome(task, False, f"waiting for Eval({waiting})", retry_after=1.0)
         plan = plan_of(doc)
         if doc.get("attempts", 0) >= plan.max_attempts:
             return self._fail(
@@ -133,7 +136,11 @@ class Engine:
         session = self._session_at(doc, task.start)
         wait = self._deliver_evals(doc, session, task.start)
         if wait is not None:
-            self._release(task)
+            self.store.cas_session(  # release the lease; waiting was not an attempt
+                task.session,
+                {"token": task.token, "lease.worker": self.worker},
+                {"lease": None, "attempts": max(0, int(doc.get("attempts", 1)) - 1)},
+            )
             return Outcome(task, False, f"waiting for Eval({wait})", retry_after=1.0)
         self.store.delete_statistics(task.session, after_step=task.start)
         reason = session.callbacks.stop_reason
@@ -197,6 +204,15 @@ class Engine:
             return Outcome(task, False, "fenced out at commit (another worker took over)")
         self._remember(new, session)
         return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
+
+    def _eval_missing(self, doc: dict[str, Any], start: int) -> int | None:
+        """The latest Eval step a chunk from `start` needs, if its result is not in yet."""
+        steps = pending_eval_steps(doc, start)
+        if not steps:
+            return None
+        n = steps[-1]
+        done = self.store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)
+        return None if done else n
 
     def _session_at(self, doc: dict[str, Any], step: int) -> Session:
         """The session's modules at `step`: the warm ones, or rebuilt and restored."""

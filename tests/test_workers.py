@@ -264,11 +264,17 @@ def submit_configs(store: MongoStore, broker: str, folder: Path, *seeds: int,
 
 def wait_done(store: MongoStore, ids: list[str], timeout: float,
               workers: tuple[Worker, ...] = ()) -> None:
-    def finished() -> bool:
-        return all(store.get_session(i)["status"] in ("completed", "failed") for i in ids)
+    def finished(sid: str) -> bool:
+        doc = store.get_session(sid)
+        if doc["status"] != "completed":
+            return doc["status"] in ("failed", "cancelled")
+        return bool(store.query_statistics(sid, phase="eval", step_min=doc["step"]))
+
+    def all_finished() -> bool:
+        return all(finished(i) for i in ids)
 
     try:
-        wait_for(finished, timeout, "the sessions to finish")
+        wait_for(all_finished, timeout, "the sessions to finish (and their final Eval)")
     except AssertionError:
         for w in workers:
             print(f"--- {w.name} log ---\n{w.log[-6000:]}")
@@ -307,7 +313,7 @@ def test_sweep_of_three_sessions_on_two_workers_matches_ptutils_run(
     assert [(r["name"], r["status"], r["step"]) for r in rows] == [
         (f"grid-seed={s}", "completed", 60) for s in SEEDS]
     assert all(r["loss"] is not None and "test/accuracy" in r["eval"] for r in rows)
-    table = ptutils("status", "--store", store_uri).stdout
+    table = ptutils("status", "--store", store_uri, env={"COLUMNS": "200"}).stdout
     assert "grid-seed=2" in table and "60/60" in table
 
 

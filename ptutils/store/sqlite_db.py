@@ -1,0 +1,316 @@
+"""The local store's SQLite database: schema, per-process connections, transactions, rows.
+
+WAL mode and a busy timeout let several processes share the file; every write is a
+`BEGIN IMMEDIATE` transaction, so a read-modify-write never deadlocks on a lock upgrade.
+Documents are kept as JSON text (NaN allowed), with the queried fields in columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ptutils.errors import StoreError
+from ptutils.store.base import StatPoint
+
+SCHEMA_VERSION = 1
+"""Recorded in SQLite's `user_version`; a newer database is refused, not misread."""
+
+BUSY_TIMEOUT_S = 60.0
+"""How long a writer waits for another process's transaction before failing."""
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS sessions (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, status TEXT, sweep TEXT,
+        created REAL NOT NULL, doc TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS sessions_status ON sessions(status, created)",
+    "CREATE INDEX IF NOT EXISTS sessions_sweep ON sessions(sweep, created)",
+    """CREATE TABLE IF NOT EXISTS session_tags (
+        tag TEXT NOT NULL, session TEXT NOT NULL, PRIMARY KEY (tag, session)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS session_tags_session ON session_tags(session)",
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        session TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL,
+        manifest BLOB NOT NULL, checksum TEXT NOT NULL, segments TEXT NOT NULL,
+        size INTEGER NOT NULL, metrics TEXT NOT NULL, extra TEXT NOT NULL,
+        created REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('complete', 'deleting')),
+        PRIMARY KEY (session, step, kind))""",
+    """CREATE TABLE IF NOT EXISTS segment_refs (
+        hash TEXT NOT NULL, session TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL,
+        PRIMARY KEY (hash, session, step, kind)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS segment_refs_ckpt ON segment_refs(session, step, kind)",
+    """CREATE TABLE IF NOT EXISTS statistics (
+        session TEXT NOT NULL, phase TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL,
+        value REAL, special TEXT, time REAL NOT NULL,
+        PRIMARY KEY (session, phase, step, name)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS statistics_name ON statistics(session, name, step)",
+)
+
+CKPT_COLUMNS = "session, step, kind, manifest, checksum, segments, size, metrics, extra, created"
+"""The checkpoint columns `checkpoint_doc` reads, in its order."""
+
+CKPT_KEY = "session = ? AND step = ? AND kind = ?"
+"""Selects one checkpoint's rows (in `checkpoints` and `segment_refs`) by its key."""
+
+STAT_COLUMNS = "session, phase, step, name, value, special, time"
+"""The statistics columns `stat_row` writes and `stat_doc` reads, in their order."""
+
+
+class Database:
+    """One SQLite file: a connection per process (a forked child opens its own)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._init_schema()
+
+    def write(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A transaction holding the write lock from the start (no upgrade deadlocks)."""
+        return self._transaction("IMMEDIATE")
+
+    def read(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A consistent read snapshot (no write lock)."""
+        return self._transaction("DEFERRED")
+
+    def close(self) -> None:
+        """Close this process's connection (reopened on next use)."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    @contextmanager
+    def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, sqlite_errors(self.path):
+            conn = self._connection()
+            conn.execute(f"BEGIN {mode}")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._conn = _connect(self.path)
+        return self._conn
+
+    def _init_schema(self) -> None:
+        with self.write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer ptutils (schema {version}, this "
+                    f"one reads {SCHEMA_VERSION}): upgrade ptutils to open it"
+                )
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    with sqlite_errors(db_path):
+        conn = sqlite3.connect(
+            db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{db_path}: SQLite refused WAL mode ({mode}); use a local disk")
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+@contextmanager
+def sqlite_errors(db_path: Path) -> Iterator[None]:
+    """Turn SQLite failures into StoreError naming the database file."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise StoreError(
+                f"{db_path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f}s: {exc}"
+            ) from exc
+        raise StoreError(f"{db_path}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{db_path} is not a usable ptutils store database ({exc}): move it away or pass "
+            "another folder as --store"
+        ) from exc
+
+
+# --- values ---------------------------------------------------------------------------
+def to_json(value: Any, what: str) -> str:
+    """Compact JSON text (NaN allowed); `StoreError` naming `what` if it cannot be."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def plain_json(value: Any, what: str) -> Any:
+    """`value` as it reads back from the database (a JSON round trip)."""
+    return json.loads(to_json(value, what))
+
+
+def as_text(value: Any) -> str:
+    """An enum's value or the string itself (sqlite3 binds only plain str)."""
+    return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def where_sql(clauses: Sequence[str]) -> str:
+    """The SQL ` WHERE a AND b` for the clauses, or "" for none."""
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def in_clause(column: str, values: Sequence[Any]) -> str:
+    """`column IN (?,?,...)` with one placeholder per value."""
+    return f"{column} IN ({','.join('?' * len(values))})"
+
+
+# --- sessions -------------------------------------------------------------------------
+def session_row(doc: dict[str, Any], text: str) -> tuple[Any, ...]:
+    """(id, name, status, sweep, created, doc) of a session document and its JSON text."""
+    status, sweep = doc.get("status"), doc.get("sweep")
+    return (
+        doc["_id"],
+        doc["name"],
+        None if status is None else str(status),
+        None if sweep is None else str(sweep),
+        float(doc.get("created") or time.time()),
+        text,
+    )
+
+
+def save_tags(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+    """Replace the session's rows in the tag index with its document's `tags`."""
+    conn.execute("DELETE FROM session_tags WHERE session = ?", (doc["_id"],))
+    tags = doc.get("tags") or []
+    conn.executemany(
+        "INSERT OR IGNORE INTO session_tags (tag, session) VALUES (?, ?)",
+        [(str(t), doc["_id"]) for t in tags],
+    )
+
+
+def load_session(
+    conn: sqlite3.Connection, ref: str, *, by_name: bool = True
+) -> dict[str, Any] | None:
+    """The session document with id `ref` (or else name `ref`), None if there is none."""
+    row = conn.execute("SELECT doc FROM sessions WHERE id = ?", (ref,)).fetchone()
+    if row is None and by_name:
+        row = conn.execute("SELECT doc FROM sessions WHERE name = ?", (ref,)).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def session_exists(conn: sqlite3.Connection, session_id: str) -> bool:
+    """Whether a session with this id exists (no document decoded)."""
+    return conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is not None
+
+
+# --- checkpoints ----------------------------------------------------------------------
+def checkpoint_doc(row: tuple[Any, ...]) -> dict[str, Any]:
+    """The checkpoint document of a row selected as `CKPT_COLUMNS`."""
+    session, step, kind, manifest, checksum, segments, size, metrics, extra, created = row
+    return {
+        **json.loads(extra),
+        "session": session,
+        "step": step,
+        "kind": kind,
+        "manifest": bytes(manifest),
+        "checksum": checksum,
+        "segments": [h for h, _ in json.loads(segments)],
+        "size": size,
+        "metrics": json.loads(metrics),
+        "created": created,
+    }
+
+
+def insert_checkpoint(conn: sqlite3.Connection, doc: dict[str, Any], sizes: Sequence[int]) -> None:
+    """Insert or replace a complete checkpoint row and its segment references.
+
+    `sizes` are the byte lengths of `doc["segments"]`, in order.
+    """
+    key = (doc["session"], doc["step"], doc["kind"])
+    conn.execute(
+        f"INSERT OR REPLACE INTO checkpoints ({CKPT_COLUMNS}, state) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,'complete')",
+        (
+            *key,
+            doc["manifest"],
+            doc["checksum"],
+            json.dumps([[h, n] for h, n in zip(doc["segments"], sizes)]),
+            doc["size"],
+            to_json(doc["metrics"], "checkpoint metrics"),
+            "{}",
+            doc["created"],
+        ),
+    )
+    delete_refs(conn, *key)
+    conn.executemany(
+        "INSERT OR IGNORE INTO segment_refs (hash, session, step, kind) VALUES (?,?,?,?)",
+        [(h, *key) for h in doc["segments"]],
+    )
+
+
+def ref_hashes(conn: sqlite3.Connection, session: str, step: int, kind: str) -> set[str]:
+    """The segments one checkpoint references."""
+    rows = conn.execute(
+        f"SELECT hash FROM segment_refs WHERE {CKPT_KEY}", (session, step, kind)
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def delete_refs(conn: sqlite3.Connection, session: str, step: int, kind: str) -> None:
+    """Drop one checkpoint's segment references."""
+    conn.execute(f"DELETE FROM segment_refs WHERE {CKPT_KEY}", (session, step, kind))
+
+
+def is_referenced(conn: sqlite3.Connection, digest: str) -> bool:
+    """Whether any checkpoint row references the segment."""
+    row = conn.execute("SELECT 1 FROM segment_refs WHERE hash = ? LIMIT 1", (digest,)).fetchone()
+    return row is not None
+
+
+# --- statistics -----------------------------------------------------------------------
+def stat_row(session_id: str, point: Any) -> tuple[Any, ...]:
+    """A statistics row; non-finite values go in `special` (SQLite stores NaN as NULL)."""
+    p = point if isinstance(point, StatPoint) else StatPoint(*point)
+    value = float(p.value)
+    finite = math.isfinite(value)
+    return (
+        session_id,
+        as_text(p.phase),
+        int(p.step),
+        p.name,
+        value if finite else None,
+        None if finite else repr(value),
+        float(p.time),
+    )
+
+
+def stat_doc(row: tuple[Any, ...]) -> dict[str, Any]:
+    """The point of a row selected as `STAT_COLUMNS`, non-finite values restored."""
+    session, phase, step, name, value, special, at = row
+    return {
+        "session": session,
+        "phase": phase,
+        "step": step,
+        "name": name,
+        "value": float(special) if special is not None else value,
+        "time": at,
+    }
