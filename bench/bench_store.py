@@ -5,9 +5,10 @@
     (goal: State + extra <= 1.25x the State).
 (b) Dedup: a 10-layer network with 9 layers frozen, trained between checkpoints: bytes
     written per checkpoint (goal: <= 20% of a full checkpoint after the first).
-(c) Statistics: points/s written in batches vs one call per point, side by side, with
-    the server's own ceiling (insert_many of tiny documents) for reference
-    (goal: >= 20k points/s batched).
+(c) Statistics: points/s written in batches into bucket documents (one per session,
+    phase, name and 512 steps) vs the naive one insert per point, side by side, with
+    replays, one call per point, reads, and the server's own ceiling (insert_many of
+    tiny documents) for reference (goal: >= 20k points/s batched).
 """
 
 from __future__ import annotations
@@ -142,9 +143,13 @@ def dedup(store: MongoStore, p: dict[str, Any]) -> tuple[list[dict[str, Any]], l
 
 
 def statistics(store: MongoStore, p: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
-    """(c): points/s batched, one per call, replayed, and the server's insert ceiling."""
+    """(c): points/s of the bucketed batch write vs one insert per point, side by side.
+
+    Also a replayed batch (every point overwritten), one `write_statistics` call per
+    point, reading the batch back, and the server's own ceiling for tiny inserts.
+    """
     n, single = p["points"], p["single"]
-    replay_sid = new_id()
+    replay_sid, read_sid = new_id(), new_id()
 
     def points(count: int) -> list[StatPoint]:
         return [StatPoint("train", s // 4, ("loss", "acc", "lr", "gnorm")[s % 4], s * 0.5)
@@ -152,36 +157,49 @@ def statistics(store: MongoStore, p: dict[str, Any]) -> tuple[list[dict[str, Any
 
     batch, one_by_one = points(n), points(single)
     store.write_statistics(replay_sid, batch)
-    scratch = store.db["bench_scratch"]
+    store.write_statistics(read_sid, batch)
+    per_point, tiny = store.db["bench_per_point"], store.db["bench_tiny"]
+    per_point.create_index([("session", 1), ("phase", 1), ("step", 1), ("name", 1)], unique=True)
+
+    def naive() -> None:
+        """The layout before buckets: one document per point, one insert per point."""
+        sid = new_id()
+        for pt in one_by_one:
+            per_point.insert_one({"session": sid, "phase": pt.phase, "step": pt.step,
+                                  "name": pt.name, "value": pt.value, "time": pt.time})  # fmt: skip
 
     def ceiling() -> None:
-        scratch.drop()
-        scratch.insert_many([{"i": i} for i in range(n)], ordered=False)
+        tiny.drop()
+        tiny.insert_many([{"i": i} for i in range(n)], ordered=False)
 
-    def per_point() -> None:
+    def per_call() -> None:
         sid = new_id()
         for point in one_by_one:
             store.write_statistics(sid, [point])
 
-    timings = compare(
-        {
-            "batched": lambda: store.write_statistics(new_id(), batch),
-            "replayed batch (overwrite)": lambda: store.write_statistics(replay_sid, batch),
-            "one call per point": per_point,
-            "server ceiling: insert_many of {i: n}": ceiling,
-        },
-        repeat=p["repeat"],
-        warmup=0,
-    )
-    scratch.drop()
-    counts = {"batched": n, "replayed batch (overwrite)": n, "one call per point": single,
-              "server ceiling: insert_many of {i: n}": n}  # fmt: skip
+    cases = {
+        "batched, bucketed (new session)": (n, lambda: store.write_statistics(new_id(), batch)),
+        "batched, bucketed, replayed (overwrite)": (
+            n, lambda: store.write_statistics(replay_sid, batch)
+        ),
+        "naive: one insert_one per point": (single, naive),
+        "one write_statistics call per point": (single, per_call),
+        "query_statistics of the batch (read)": (n, lambda: store.query_statistics(read_sid)),
+        "server ceiling: insert_many of {i: n}": (n, ceiling),
+    }  # fmt: skip
+    timings = compare({k: fn for k, (_, fn) in cases.items()}, repeat=p["repeat"], warmup=0)
+    per_point.drop()
+    tiny.drop()
+    rates = {name: cases[name][0] / t.median for name, t in timings.items()}
     rows = [
-        row(f"statistics, {name} ({counts[name]} points), median", counts[name] / t.median,
-            "points/s")
-        for name, t in timings.items()
+        row(f"statistics, {name} ({cases[name][0]} points), median", rate, "points/s")
+        for name, rate in rates.items()
     ]
-    return rows, n / timings["batched"].median
+    batched = rates["batched, bucketed (new session)"]
+    rows.append(
+        row("statistics, batched / naive", batched / rates["naive: one insert_one per point"], "x")
+    )
+    return rows, batched
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -282,10 +282,16 @@ class Engine:
         message = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(exc))
         log.error("%s failed: %s", task, message)
+        if task.kind != TRAIN and SessionStatus(doc["status"]).finished:
+            return Outcome(task, False, message, failed=True)
+        # An Eval/Save runs beside the next Train chunk, so the session's token has
+        # usually moved on: fail it whatever its token, and fence that chunk out.
+        fenced = {"token": task.token} if task.kind == TRAIN else {"status": doc["status"]}
         self.store.cas_session(
             task.session,
-            {"token": task.token},
+            fenced,
             {
+                **({} if task.kind == TRAIN else {"token": new_id()}),
                 "status": str(SessionStatus.FAILED),
                 "lease": None,
                 "error": {
@@ -312,7 +318,7 @@ class Engine:
         saved_rng = get_rng_state()
         try:
             metrics = self._evaluate(doc, task.step)
-        except PtutilsError as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded on the session, worker stays up
             return self._fail(doc, task, exc)
         finally:
             set_rng_state(saved_rng)

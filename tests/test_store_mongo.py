@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 import traceback
@@ -17,11 +18,13 @@ from typing import Any
 import gridfs
 import pytest
 import torch
+from pymongo.errors import AutoReconnect, DuplicateKeyError, OperationFailure
 
 from ptutils import codec
 from ptutils.errors import CheckpointCorrupt, StoreError, StoreUnavailable
 from ptutils.store.base import StatPoint, new_session_doc
-from ptutils.store.mongo import MongoStore, _db_name, redact_url
+from ptutils.store.mongo import MongoStore, _db_name, is_transient, redact_url
+from ptutils.store.mongo_stats import BUCKET_STEPS
 from tests.servers import free_port, uri_with_db
 
 
@@ -47,6 +50,23 @@ def assert_bit_exact(expected: Any, got: Any) -> None:
             assert_bit_exact(expected[key], got[key])
     else:
         assert got == expected
+
+
+def stored_points(store: MongoStore, sid: str) -> dict[tuple[str, str, int], Any]:
+    """Every point kept in the session's bucket documents: (phase, name, step) -> pair.
+
+    Fails if a step sits in the wrong bucket or two documents hold the same bucket.
+    """
+    found: dict[tuple[str, str, int], Any] = {}
+    seen = set()
+    for doc in store.db["statistics"].find({"session": sid}):
+        key = (doc["phase"], doc["name"], doc["bucket"])
+        assert key not in seen, f"bucket {key} stored twice"
+        seen.add(key)
+        for step, pair in (doc.get("points") or {}).items():
+            assert int(step) // BUCKET_STEPS == doc["bucket"], (step, doc["bucket"])
+            found[(doc["phase"], doc["name"], int(step))] = pair
+    return found
 
 
 def files_of(store: MongoStore) -> dict[str, int]:
@@ -270,9 +290,11 @@ def test_replayed_statistics_overwrite_across_batches(mongo_store: MongoStore) -
     assert mongo_store.write_statistics(sid, replay) == 6000
     rows = mongo_store.query_statistics(sid)
     assert len(rows) == 9000
-    assert [r["value"] for r in rows[2999:3001]] == [2999.0, -3000.0]
+    assert [r["value"] for r in rows] == [float(s) for s in range(3000)] + [
+        -float(s) for s in range(3000, 9000)
+    ]
     assert [r["time"] for r in rows[2999:3001]] == [1.0, 2.0]
-    assert mongo_store.db["statistics"].count_documents({"session": sid}) == 9000
+    assert len(stored_points(mongo_store, sid)) == 9000
 
 
 def test_statistic_names_with_slashes_do_not_collide(mongo_store: MongoStore) -> None:
@@ -281,8 +303,175 @@ def test_statistic_names_with_slashes_do_not_collide(mongo_store: MongoStore) ->
                                        StatPoint("a", 1, "2/x", 2.0)])  # fmt: skip
     rows = mongo_store.query_statistics(sid)
     assert sorted((r["phase"], r["step"], r["name"], r["value"]) for r in rows) == [
-        ("a", 1, "2/x", 2.0), ("a/1", 2, "x", 1.0)
+        ("a", 1, "2/x", 2.0),
+        ("a/1", 2, "x", 1.0),
     ]
+
+
+def test_points_are_grouped_in_one_document_per_bucket(mongo_store: MongoStore) -> None:
+    """The bucket pattern: 4 names x 3 buckets of steps is 12 documents, not 6000."""
+    sid = new_session(mongo_store)
+    names = ("loss", "acc", "lr", "gnorm")
+    steps = 3 * BUCKET_STEPS - 36
+    points = [StatPoint("train", s, n, s * 0.5, time=7.0) for s in range(steps) for n in names]
+    assert mongo_store.write_statistics(sid, points) == len(points)
+    assert mongo_store.db["statistics"].count_documents({"session": sid}) == 4 * 3
+    stored = stored_points(mongo_store, sid)
+    assert stored[("train", "acc", BUCKET_STEPS + 1)] == [(BUCKET_STEPS + 1) * 0.5, 7.0]
+    assert len(stored) == len(points)
+
+
+def test_replay_within_a_bucket_overwrites_and_last_write_wins(mongo_store: MongoStore) -> None:
+    sid = new_session(mongo_store)
+    step = BUCKET_STEPS + 5
+    mongo_store.write_statistics(sid, [StatPoint("train", step, "loss", 1.0, time=1.0)])
+    # The same point twice in one batch (last wins), and again in a later batch.
+    twice = [StatPoint("train", step, "loss", 2.0, time=2.0),
+             StatPoint("train", step, "loss", 3.0, time=3.0)]  # fmt: skip
+    assert mongo_store.write_statistics(sid, twice) == 1
+    rows = mongo_store.query_statistics(sid)
+    assert [(r["step"], r["value"], r["time"]) for r in rows] == [(step, 3.0, 3.0)]
+    assert len(stored_points(mongo_store, sid)) == 1
+
+
+def test_delete_after_a_step_in_the_middle_of_a_bucket(mongo_store: MongoStore) -> None:
+    sid, other = new_session(mongo_store, "a"), new_session(mongo_store, "b")
+    steps = range(4 * BUCKET_STEPS)
+    for session in (sid, other):
+        mongo_store.write_statistics(session, [
+            StatPoint(phase, s, name, float(s)) for s in steps
+            for phase in ("train", "eval") for name in ("loss", "acc")
+        ])  # fmt: skip
+    cut = BUCKET_STEPS + 100  # in the second bucket
+    removed = mongo_store.delete_statistics(sid, after_step=cut)
+    assert removed == 4 * (len(steps) - cut - 1)
+    rows = mongo_store.query_statistics(sid)
+    assert len(rows) == 4 * (cut + 1) and max(r["step"] for r in rows) == cut
+    assert all(r["value"] == float(r["step"]) for r in rows)  # earlier points untouched
+    assert {d["bucket"] for d in mongo_store.db["statistics"].find({"session": sid})} == {0, 1}
+    assert mongo_store.delete_statistics(sid, after_step=cut) == 0  # idempotent
+    assert len(mongo_store.query_statistics(other)) == 4 * len(steps)  # other session intact
+    # The restarted chunk writes its points again, into the trimmed and the new buckets.
+    redo = [StatPoint("train", s, "loss", -1.0) for s in range(cut + 1, 2 * BUCKET_STEPS + 3)]
+    mongo_store.write_statistics(sid, redo)
+    again = mongo_store.query_statistics(sid, phase="train", name="loss", step_min=cut)
+    assert [(r["step"], r["value"]) for r in again[:2]] == [(cut, float(cut)), (cut + 1, -1.0)]
+    assert len(again) == 1 + len(redo)
+    # Deleting from the last step of a bucket leaves it whole; from -1, everything goes.
+    whole = mongo_store.delete_statistics(sid, after_step=BUCKET_STEPS - 1)
+    assert whole == 4 * (cut + 1 - BUCKET_STEPS) + len(redo)
+    assert max(r["step"] for r in mongo_store.query_statistics(sid)) == BUCKET_STEPS - 1
+    assert mongo_store.delete_statistics(sid, after_step=-1) == 4 * BUCKET_STEPS
+    assert mongo_store.query_statistics(sid) == []
+
+
+def test_query_ranges_crossing_buckets(mongo_store: MongoStore) -> None:
+    sid = new_session(mongo_store)
+    last = 3 * BUCKET_STEPS + 10
+    mongo_store.write_statistics(sid, [
+        StatPoint(phase, s, name, float(s)) for s in range(0, last, 3)
+        for phase in ("train", "eval") for name in ("loss", "acc")
+    ])  # fmt: skip
+
+    def steps(**kw: Any) -> list[int]:
+        rows = mongo_store.query_statistics(sid, phase="eval", name="acc", **kw)
+        return [r["step"] for r in rows]
+
+    low, high = BUCKET_STEPS - 4, 2 * BUCKET_STEPS + 4  # three buckets, both ends partial
+    assert steps(step_min=low, step_max=high) == [s for s in range(0, last, 3) if low <= s <= high]
+    assert steps(step_min=2 * BUCKET_STEPS + 1) == [
+        s for s in range(0, last, 3) if s >= 2 * BUCKET_STEPS + 1
+    ]
+    assert steps(step_max=BUCKET_STEPS) == [s for s in range(0, last, 3) if s <= BUCKET_STEPS]
+    assert steps(step_min=10, step_max=11) == []  # inside one bucket, no point there
+    assert steps(step_min=high, step_max=low) == []
+    low, high = BUCKET_STEPS - 2, BUCKET_STEPS + 1  # across a bucket boundary
+    both = mongo_store.query_statistics(sid, step_min=low, step_max=high)
+    assert [(r["step"], r["name"], r["phase"]) for r in both] == [
+        (s, n, p)
+        for s in range(0, last, 3)
+        if low <= s <= high
+        for n in ("acc", "loss")
+        for p in ("eval", "train")
+    ]
+    assert len(both) == 8
+
+
+def test_query_across_sessions_orders_by_session_step_name(mongo_store: MongoStore) -> None:
+    """A sweep's sessions side by side, each with points in several buckets."""
+    sids = sorted(new_session(mongo_store, f"s{i}") for i in range(3))
+    for i, sid in enumerate(reversed(sids)):  # written out of order
+        mongo_store.write_statistics(sid, [
+            StatPoint("train", s, name, float(i)) for s in (2 * BUCKET_STEPS, 7, BUCKET_STEPS)
+            for name in ("z", "loss")
+        ])  # fmt: skip
+    rows = mongo_store.query_statistics(sids[::2], name="loss")
+    assert [(r["session"], r["step"]) for r in rows] == [
+        (sid, s) for sid in sids[::2] for s in (7, BUCKET_STEPS, 2 * BUCKET_STEPS)
+    ]
+    everything = mongo_store.query_statistics(None, step_min=BUCKET_STEPS)
+    assert [(r["session"], r["step"], r["name"]) for r in everything] == [
+        (sid, s, n) for sid in sids for s in (BUCKET_STEPS, 2 * BUCKET_STEPS) for n in ("loss", "z")
+    ]
+    assert mongo_store.query_statistics([]) == []
+
+
+def test_non_finite_values_in_a_bucket_and_overwritten(mongo_store: MongoStore) -> None:
+    sid = new_session(mongo_store)
+    specials = [math.nan, math.inf, -math.inf, -0.0, 1e-300, 2.5]
+    mongo_store.write_statistics(
+        sid, [StatPoint("train", s, "loss", v, time=float(s)) for s, v in enumerate(specials)]
+    )
+    got = [r["value"] for r in mongo_store.query_statistics(sid)]
+    assert math.isnan(got[0]) and got[1:] == specials[1:]
+    mongo_store.write_statistics(sid, [StatPoint("train", 0, "loss", 1.0),
+                                       StatPoint("train", 5, "loss", math.nan)])  # fmt: skip
+    got = [r["value"] for r in mongo_store.query_statistics(sid)]
+    assert got[0] == 1.0 and got[1:5] == specials[1:5] and math.isnan(got[5])
+
+
+def test_concurrent_writers_of_the_same_new_buckets_lose_no_point(
+    mongo_store: MongoStore, mongo_uri: str
+) -> None:
+    """Writers racing to create the same bucket documents (an upsert may lose the race)."""
+    sid = new_session(mongo_store)
+    stores = [MongoStore(mongo_uri) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def write(store: MongoStore, offset: int) -> None:
+        try:
+            for base in range(0, 8 * BUCKET_STEPS, BUCKET_STEPS):
+                steps = range(base + offset, base + BUCKET_STEPS, 3)
+                store.write_statistics(sid, [StatPoint("train", s, "loss", s) for s in steps])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(st, i)) for i, st in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for store in stores:
+        store.close()
+    assert errors == []
+    rows = mongo_store.query_statistics(sid)
+    assert [r["step"] for r in rows] == list(range(8 * BUCKET_STEPS))
+    assert mongo_store.db["statistics"].count_documents({"session": sid}) == 8
+
+
+def test_a_database_with_per_point_statistics_is_refused(mongo_uri: str) -> None:
+    """The older layout (one document per point) cannot mix with buckets: say so."""
+    import pymongo
+
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        client.get_default_database()["statistics"].create_index(
+            [("session", 1), ("phase", 1), ("step", 1), ("name", 1)], unique=True
+        )
+    finally:
+        client.close()
+    with pytest.raises(StoreError, match="one document per point"):
+        MongoStore(mongo_uri)
 
 
 # --- connection, credentials, retries ----------------------------------------------------
@@ -305,6 +494,13 @@ def test_url_database_and_redaction(mongo_server: Any) -> None:
         store.close()
 
 
+def test_transient_errors_are_told_apart_from_failures() -> None:
+    assert is_transient(AutoReconnect("connection reset"))
+    assert is_transient(OperationFailure("shutting down", code=91))
+    assert not is_transient(OperationFailure("bad query", code=2))
+    assert not is_transient(DuplicateKeyError("E11000 duplicate key"))
+
+
 def test_malformed_url_is_a_store_error_without_the_password() -> None:
     url = "mongodb://alice:" + "Sup3rSecretPw" + "@127.0.0.1:notaport/db"
     with pytest.raises(StoreError) as info:
@@ -317,6 +513,7 @@ def test_indexes_are_created_idempotently(mongo_uri: str) -> None:
     MongoStore(mongo_uri).close()
     store = MongoStore(mongo_uri)  # opening again must not fail
     try:
+
         def keys(coll: str) -> set[tuple[Any, bool]]:
             info = store.db[coll].index_information().values()
             return {(tuple(i["key"]), bool(i.get("unique"))) for i in info}
@@ -324,8 +521,8 @@ def test_indexes_are_created_idempotently(mongo_uri: str) -> None:
         assert ((("name", 1),), True) in keys("sessions")
         assert ((("session", 1), ("step", 1), ("kind", 1)), True) in keys("checkpoints")
         stats = keys("statistics")
-        assert ((("session", 1), ("phase", 1), ("step", 1), ("name", 1)), True) in stats
-        assert ((("session", 1), ("name", 1), ("step", 1)), False) in stats
+        assert ((("session", 1), ("phase", 1), ("name", 1), ("bucket", 1)), True) in stats
+        assert ((("session", 1), ("name", 1), ("bucket", 1)), False) in stats
     finally:
         store.close()
 
@@ -407,7 +604,7 @@ def test_writes_survive_a_server_kill_and_restart(
             assert_bit_exact(state_at(ckpt["step"]), check.load_state(ckpt))
         rows = check.query_statistics(sid)
         assert len(rows) == steps * points_per_step
-        assert check.db["statistics"].count_documents({}) == steps * points_per_step
+        assert len(stored_points(check, sid)) == steps * points_per_step
         assert all(r["value"] == r["step"] // 1000 + (r["step"] % 1000) / 1000 for r in rows)
     finally:
         check.close()

@@ -469,11 +469,11 @@ def test_broker_restarted_empty_reconcile_requeues_and_all_complete(
 
 def test_celery_inspect_active_lists_the_running_train_task(
         tmp_path, redis_db, store_uri, workers):
-    a = workers("a", redis_db, store_uri, step_seconds=0.2).wait_ready()
+    a = workers("a", redis_db, store_uri, step_seconds=0.5).wait_ready()
     with MongoStore(store_uri) as store:
         (sid,) = submit_configs(store, redis_db, tmp_path, 1)
         wait_for(lambda: a.owns(store.get_session(sid).get("lease")), 60, "a running chunk",
-                 alive=a)
+                 alive=a)  # Train[0,20) takes 10 s
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_BROKER": redis_db}
         out = subprocess.run([PY, "-m", "celery", "-A", "workers.app", "inspect", "active",
                               "--json", "--timeout", "5"], cwd=ROOT, env=env,
