@@ -70,6 +70,9 @@ def write_plot(data: dict[str, Any], path: str) -> None:
                 ax.plot(steps, values, label=sess, marker="o" if key[0] == "eval" else None,
                         markersize=3)
         ax.set_title(f"{key[0]} {key[1]}")
+        values = [v for series in data.values() if key in series for v in series[key][1]]
+        if "loss" in key[1] and values and min(values) > 0 and max(values) / min(values) > 50:
+            ax.set_yscale("log")  # a loss spanning decades reads better on a log axis
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(data) > 1:
