@@ -245,11 +245,11 @@ def orchestration_cost(store: Any, broker: str, folder: Path, p: dict[str, Any])
             "wall_s": wall / chunks}
 
 
-def raw_hop(broker: str, folder: Path, hops: int) -> tuple[float, Proc]:
+def raw_hop(broker: str, store_url: str, folder: Path, hops: int) -> tuple[float, Proc]:
     """Seconds per hop of a chain of no-op tasks through a real worker of the app."""
     import redis
 
-    env = {"PYTHONPATH": str(ROOT), "PTUTILS_BROKER": broker}
+    env = _env(broker, store_url)
     worker = Proc([sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q",
                    "bench,train,eval,save", "-n", "hop@%h", "--include",
                    "bench.bench_orchestration", "--without-gossip", "--without-mingle",
@@ -318,12 +318,12 @@ def kill_recovery(store: Any, broker: str, workers: list[Proc], folder: Path,
                   name: str) -> dict[str, float]:
     """SIGKILL the worker running a session: seconds to takeover and to progress."""
     path = folder / "kill.yaml"
-    path.write_text(yaml.safe_dump(config(40, 10)))
+    path.write_text(yaml.safe_dump(config(200, 50)))  # 1.5 s chunks
     (sid,) = _submit(store, broker, path, [name])
     lease = _wait(lambda: (store.get_session(sid).get("lease") or {}).get("worker"), 60,
                   "a lease")
     victim = next(w for w in workers if lease.startswith(_name_of(w)))
-    time.sleep(0.3)  # in the middle of the chunk
+    time.sleep(0.5)  # in the middle of the chunk
     step = store.get_session(sid)["step"]
     victim.kill(signal.SIGKILL)
     killed = time.perf_counter()
@@ -334,6 +334,21 @@ def kill_recovery(store: Any, broker: str, workers: list[Proc], folder: Path,
     progress = time.perf_counter() - killed
     victim.proc.wait()
     return {"takeover_s": takeover, "progress_s": progress, "victim": workers.index(victim)}
+
+
+@contextlib.contextmanager
+def worker_pair(broker: str, store_url: str, folder: Path, name: str,
+                step_seconds: float) -> Iterator[list[Proc]]:
+    """Two `ptutils worker`s, stopped (SIGTERM) on the way out."""
+    workers = [ptutils_worker(f"{name}{i}", broker, store_url, folder,
+                              step_seconds=step_seconds) for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def _name_of(worker: Proc) -> str:
@@ -353,27 +368,20 @@ def run(quick: bool = False) -> dict[str, Any]:
             store_url = f"{mongo}/bench"
             store = MongoStore(store_url)
             cost = orchestration_cost(store, broker, folder, p)
-            hop_s, hop_worker = raw_hop(broker, folder, p["hops"])
+            hop_s, hop_worker = raw_hop(broker, store_url, folder, p["hops"])
             try:
-                os.environ["PTUTILS_STORE"] = store_url
                 chain_s = chain_on_worker(store, broker, folder, p["chunks"])
             finally:
                 hop_worker.stop()
-            workers = [ptutils_worker(f"w{i}", broker, store_url, folder, step_seconds=0.03)
-                       for i in range(2)]
-            try:
-                for w in workers:
-                    w.wait_ready()
+            with worker_pair(broker, store_url, folder, "load", 0.0) as workers:
                 load = load_test(store, broker, folder, p["sessions"])
+            with worker_pair(broker, store_url, folder, "kill", 0.03) as workers:
                 kills = []
                 for i in range(p["kill_repeat"]):
                     kills.append(kill_recovery(store, broker, workers, folder, f"kill-{i}"))
                     j = kills[-1]["victim"]
-                    workers[j] = ptutils_worker(f"w{j}r{i}", broker, store_url, folder,
+                    workers[j] = ptutils_worker(f"kill{j}r{i}", broker, store_url, folder,
                                                 step_seconds=0.03).wait_ready()
-            finally:
-                for w in workers:
-                    w.stop()
             store.close()
     orch_ms = 1000 * (cost["store_s"] + cost["send_s"])
     rows = [

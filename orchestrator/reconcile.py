@@ -87,15 +87,16 @@ class Reconciler:
     def run(self, now: float | None = None) -> list[Requeue]:
         """Requeue what is lost; the requeues this pass made (and won)."""
         now = time.time() if now is None else now
-        depths: dict[str, int | None] = {}
+        candidates = self._candidates(now)
+        # Queue depths as they were before this pass sent anything.
+        queues = {_train_queue(d) for d in candidates if not d.get("lease")} | {QUEUES[EVAL]}
+        depths = {q: self.depth(q) for q in sorted(queues)} if candidates else {}
 
         def depth(queue: str) -> int | None:
-            if queue not in depths:
-                depths[queue] = self.depth(queue)
-            return depths[queue]
+            return depths.get(queue)
 
         done: list[Requeue] = []
-        for doc in self._candidates(now):
+        for doc in candidates:
             try:
                 action = self._check(doc, now, depth)
             except Exception:  # noqa: BLE001 - one odd session must not stop the pass

@@ -87,6 +87,7 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Any:
     colors = {"completed": "green", "failed": "red", "running": "cyan", "queued": "yellow",
               "cancelled": "magenta", "paused": "blue"}
     table = Table("name", "id", "status", "step", "loss", "last eval", "worker", "age")
+    table.columns[5].overflow = "fold"
     for row in rows:
         status = row["status"]
         shown = f"[{colors.get(status, 'white')}]{status}[/]"

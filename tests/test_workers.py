@@ -26,8 +26,10 @@ from typing import Any
 
 import pytest
 import yaml
+from kombu import Queue
 
 from orchestrator.submit import prepare, submit
+from ptutils.errors import BrokerUnavailable, SessionNotFound
 from ptutils.protocol import TRAIN, Task
 from ptutils.store import open_store
 from ptutils.store.mongo import MongoStore
@@ -368,6 +370,33 @@ def test_sigterm_checkpoints_the_current_step_and_requeues(
     assert "Warm shutdown" in a.log
 
 
+def test_grace_running_out_or_a_second_sigterm_exits_at_once(
+        tmp_path, redis_db, store_uri, workers):
+    # a step takes 20 s here: no step boundary comes within the grace period
+    a = workers("a", redis_db, store_uri, "--grace", "2", step_seconds=20)
+    b = workers("b", redis_db, store_uri, "--grace", "60", step_seconds=20)
+    a.wait_ready()
+    b.wait_ready()
+    with MongoStore(store_uri) as store:
+        ids = submit_configs(store, redis_db, tmp_path, 1, 2)
+        wait_for(lambda: a.last_step() >= 1 and b.last_step() >= 1, 60,
+                 "each worker in the middle of a step")
+        start = time.monotonic()
+        a.kill(signal.SIGTERM)
+        b.kill(signal.SIGTERM)
+        time.sleep(1.5)
+        b.kill(signal.SIGTERM)  # the second one: exit now
+        assert b.proc.wait(timeout=10) == 1
+        assert time.monotonic() - start < 6
+        assert a.proc.wait(timeout=10) == 1
+        assert time.monotonic() - start < 8, "grace 2 s"
+        for sid in ids:  # nothing was committed: the leases will expire instead
+            assert store.get_session(sid)["lease"] is not None
+            assert store.get_session(sid)["step"] == 0
+    assert "grace period of 2s over" in a.log
+    assert "second SIGTERM" in b.log
+
+
 def test_duplicated_train_message_does_the_work_once(
         tmp_path, redis_db, store_uri, workers, reference):
     a = workers("a", redis_db, store_uri, step_seconds=0.02)
@@ -420,18 +449,31 @@ def test_a_task_that_keeps_killing_its_worker_fails_after_max_attempts(
     cfg = config(max_attempts=2)
     cfg["callbacks"].append({"type": "worker_fixtures.KillWorkerAt", "step": 25})
     path = write_config(tmp_path, cfg, "poison.yaml")
-    a = workers("a", redis_db, store_uri).wait_ready()
-    with MongoStore(store_uri) as store:
-        prepared = prepare(path, name="poison")
-        (sid,) = [s.session for s in submit(store, make_app(redis_db), prepared)]
-        wait_done(store, [sid], 120, (a,))
-        doc = store.get_session(sid)
-        assert doc["status"] == "failed"
-        assert "max_attempts=2" in doc["error"]["message"]
-        assert doc["step"] == 20, "the checkpoint before the poison step is kept"
-        store.load_state(store.get_checkpoint(sid, 20))
+    # Reconcile runs as the Celery beat task here (on the worker), not in the worker.
+    a = workers("a", redis_db, store_uri, "--reconcile-every", "0").wait_ready()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_BROKER": redis_db,
+           "PTUTILS_RECONCILE_EVERY": "0.5"}
+    with open(tmp_path / "beat.log", "wb") as log:
+        beat = subprocess.Popen([PY, "-m", "celery", "-A", "workers.app", "beat", "-l", "info"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        with MongoStore(store_uri) as store:
+            prepared = prepare(path, name="poison")
+            (sid,) = [s.session for s in submit(store, make_app(redis_db), prepared)]
+            wait_done(store, [sid], 120, (a,))
+            doc = store.get_session(sid)
+            assert doc["status"] == "failed"
+            assert "max_attempts=2" in doc["error"]["message"]
+            assert doc["step"] == 20, "the checkpoint before the poison step is kept"
+            store.load_state(store.get_checkpoint(sid, 20))
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        beat.wait(timeout=30)
     assert a.log.count("exited unexpectedly (killed by SIGKILL)") == 2
+    assert a.log.count("expired") >= 2, "the beat task requeued the session twice"
     assert a.proc.poll() is None, "the launcher stays up"
+    assert not list(tmp_path.glob("celerybeat-schedule*")), "beat keeps no pickled schedule"
 
 
 def test_broker_restarted_empty_reconcile_requeues_and_all_complete(
@@ -526,14 +568,26 @@ def test_rabbitmq_broker_runs_a_session_end_to_end(tmp_path, store_uri, workers,
     queues = ("train", "eval", "save")
     _purge(app, queues)
     a = workers("a", url, store_uri).wait_ready()
+    legacy = f"legacy-{uuid.uuid4().hex[:6]}"
     try:
         with MongoStore(store_uri) as store:
             (sid,) = submit_configs(store, url, tmp_path, 2)
+            # A queue declared elsewhere without priorities refuses our messages: the
+            # submit fails as a whole and leaves no session behind.
+            with app.connection_for_write() as conn:
+                Queue(legacy, durable=True)(conn.default_channel).declare()
+            prepared = prepare(write_config(tmp_path, config()), name="refused")
+            with pytest.raises(BrokerUnavailable, match="x-max-priority"):
+                submit(store, app, prepared, queue=legacy)
+            with pytest.raises(SessionNotFound):
+                store.get_session("refused")
             wait_done(store, [sid], 90, (a,))
             assert_matches_reference(store, sid, reference, 2)
     finally:
         a.stop()
         _purge(app, queues)
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(legacy)
 
 
 def _purge(app: Any, queues: tuple[str, ...]) -> None:

@@ -26,18 +26,18 @@ PROGRESS_ENV = "PTUTILS_TEST_PROGRESS"
 
 @register
 class SlowSteps(Callback):
-    """Sleep $PTUTILS_TEST_STEP_SECONDS per logged step; record the step reached."""
+    """Record the step reached, then sleep $PTUTILS_TEST_STEP_SECONDS per logged step."""
 
     def on_log(self, step: int, losses: Sequence[tuple[int, float]]) -> None:
-        delay = float(os.environ.get(STEP_SECONDS_ENV) or 0)
-        if delay:
-            time.sleep(delay * len(losses))
         folder = os.environ.get(PROGRESS_ENV)
         if folder:
             path = os.path.join(folder, str(os.getpid()))
             with open(f"{path}.tmp", "w") as f:
                 f.write(str(step))
             os.replace(f"{path}.tmp", path)
+        delay = float(os.environ.get(STEP_SECONDS_ENV) or 0)
+        if delay:
+            time.sleep(delay * len(losses))
 
 
 @register

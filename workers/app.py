@@ -109,7 +109,8 @@ def settings(broker_url: str) -> dict[str, Any]:
         "task_queue_max_priority": MAX_PRIORITY + 1,
         "beat_scheduler": "celery.beat:Scheduler",
         "beat_schedule": {
-            "ptutils-reconcile": {"task": RECONCILE_TASK, "schedule": every},
+            "ptutils-reconcile": {"task": RECONCILE_TASK, "schedule": every,
+                                  "options": {"expires": every}},
         },
     }
 

@@ -7,7 +7,7 @@ initialised breaks CUDA (pytorch#40403). This pool runs every task in the same s
 thread of the worker's own process (no fork, one CUDA context), while the main thread
 keeps the broker connection, remote control and signal handling alive.
 
-Celery "terminates" a job on `revoke --terminate` and, with
+Celery "terminates" a job on `app.control.revoke(id, terminate=True)` and, with
 `worker_cancel_long_running_tasks_on_connection_loss`, after a broker disconnect. A
 thread cannot be killed, so terminating a job here asks the running chunk to stop at
 its next step boundary: it checkpoints (kind `preempt`), commits and enqueues its

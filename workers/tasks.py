@@ -66,10 +66,11 @@ def isolate_library_rngs() -> None:
     """Give the libraries of LIBRARY_RNG_USERS a generator of their own.
 
     Python's global `random` is part of a session's State (DESIGN §4.4), and the chunk's
-    thread shares it with every other thread of the worker: pymongo draws a request id
-    from it for every message (heartbeats, statistics), kombu and redis-py draw retry
-    jitter. Left alone, those draws would land between the training steps in an order
-    that depends on timing, and resumed runs would not be bit-identical.
+    thread shares it with every other thread of the worker (heartbeat, broker, reconcile):
+    pymongo draws operation ids from it when command logging or monitoring is on (and
+    request ids without its C extension), pymongo, redis-py, kombu and Celery draw retry
+    jitter. Left alone, such draws would land between the training steps in an order
+    that depends on timing, and a run would no longer be bit-identical to `ptutils run`.
     """
     import importlib
     import random
@@ -224,12 +225,13 @@ def save(self: CeleryTask, **message: Any) -> dict[str, Any]:
     return _run(self, message)
 
 
-@app.task(name=RECONCILE_TASK)
-def reconcile() -> int:
+@app.task(name=RECONCILE_TASK, bind=True)
+def reconcile(self: CeleryTask) -> int:
     """The beat task: requeue lost work of every session (see orchestrator.reconcile)."""
     from orchestrator.reconcile import reconcile_once  # the one call up to orchestrator/
 
-    return len(reconcile_once(context().store, app))
+    options = _reconcile_options()
+    return len(reconcile_once(context(self.request.hostname).store, app, **options))
 
 
 # --- preemption -------------------------------------------------------------------------
@@ -289,9 +291,13 @@ def _reconcile_forever(every: float) -> None:
     """The light reconcile loop `ptutils worker` runs in one process per machine."""
     from orchestrator.reconcile import reconcile_loop  # the one call up to orchestrator/
 
-    options = {"stall_after": _env_float("PTUTILS_STALL_AFTER", 0.0) or None,
-               "eval_stall_after": _env_float("PTUTILS_EVAL_STALL_AFTER", 0.0) or None}
     store = open_store(os.environ.get("PTUTILS_STORE"))
     log.info("reconciling %s every %gs", store.url, every)
-    reconcile_loop(store, app, every, stop=_stopped,
-                   **{k: v for k, v in options.items() if v is not None})
+    reconcile_loop(store, app, every, stop=_stopped, **_reconcile_options())
+
+
+def _reconcile_options() -> dict[str, float]:
+    """Reconcile thresholds from $PTUTILS_STALL_AFTER / $PTUTILS_EVAL_STALL_AFTER."""
+    options = {"stall_after": _env_float("PTUTILS_STALL_AFTER", 0.0),
+               "eval_stall_after": _env_float("PTUTILS_EVAL_STALL_AFTER", 0.0)}
+    return {k: v for k, v in options.items() if v > 0}
