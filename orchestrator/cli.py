@@ -82,7 +82,13 @@ def main(verbose: int) -> None:
     Quick start (no servers needed):
       ptutils run examples/digits_mlp.yaml            train, checkpoint, evaluate
       ptutils run examples/digits_mlp.yaml --resume   continue after an interruption
-      ptutils stats digits_mlp --plot loss.png        look at the curves
+      ptutils stats digits-mlp --plot curves.png      look at the curves
+
+    \b
+    On a cluster (Redis + MongoDB, see deploy/README.md):
+      ptutils worker                                  one worker process per GPU
+      ptutils submit exp.yaml --sweep model.optimizer.lr=0.1,0.01
+      ptutils status / watch / cancel / reconcile
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG),

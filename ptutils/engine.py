@@ -19,7 +19,7 @@ from ptutils import registry
 from ptutils.errors import PtutilsError, StoreError
 from ptutils.plan import next_tasks, pending_eval_steps, plan_of
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
-from ptutils.rng import get_rng_state, set_rng_state
+from ptutils.rng import get_rng_state, isolate_library_rngs, set_rng_state
 from ptutils.session import Session, apply_determinism
 from ptutils.state import Statistic
 from ptutils.store.base import CheckpointKind, SessionStatus, StatPoint, Store, new_id
@@ -70,6 +70,7 @@ class Engine:
         self.progress = progress
         self.stop_flag = stop_flag or threading.Event()
         self._warm: _Warm | None = None
+        isolate_library_rngs()  # the store's client is imported by now
 
     def adopt(self, doc: dict[str, Any], session: Session, rng: dict[str, Any]) -> None:
         """Use an already built session (at its doc's step) as the warm one."""

@@ -55,3 +55,39 @@ class RNG:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_rng_state(state)
+
+
+LIBRARY_RNG_USERS = (
+    "pymongo.message", "pymongo.helpers_shared", "pymongo.synchronous.topology",
+    "pymongo.synchronous.client_session", "redis.backoff", "kombu.utils.functional",
+    "celery.utils.time",
+)
+"""Modules that draw from Python's global `random` in a process's other threads."""
+
+
+def isolate_library_rngs(*, import_missing: bool = False) -> None:
+    """Give the libraries of LIBRARY_RNG_USERS a generator of their own.
+
+    Python's global `random` is part of a session's State (DESIGN §4.4), and the training
+    thread shares it with every other thread (lease heartbeat, broker, reconcile): pymongo
+    draws operation ids from it when command monitoring is on, and pymongo, redis-py,
+    kombu and Celery draw retry jitter. Left alone, such draws would land between training
+    steps in an order that depends on timing, and a run would not be bit-identical. Only
+    modules already imported are patched unless `import_missing`.
+    """
+    import importlib
+    import sys
+
+    private = random.Random()
+    for name in LIBRARY_RNG_USERS:
+        module = sys.modules.get(name)
+        if module is None and import_missing:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+        if module is not None and getattr(module, "random", None) is random:
+            module.random = private  # type: ignore[attr-defined]
+    description = sys.modules.get("pymongo.topology_description")
+    if description is not None and getattr(description, "sample", None) is random.sample:
+        description.sample = private.sample  # type: ignore[attr-defined]

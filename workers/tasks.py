@@ -28,6 +28,7 @@ from celery import signals
 from ptutils.engine import Engine, Outcome
 from ptutils.errors import PtutilsError, SessionNotFound, StoreError
 from ptutils.protocol import EVAL, SAVE, TASK_NAMES, TRAIN, Task
+from ptutils.rng import isolate_library_rngs
 from ptutils.store import open_store
 from ptutils.store.base import Store
 from workers.app import RECONCILE_TASK, app
@@ -52,43 +53,6 @@ before it is dropped and left to `reconcile`."""
 
 EXIT_ABANDONED = 3
 """Exit status of a worker that left its task unfinished (grace over, second SIGTERM)."""
-
-
-LIBRARY_RNG_USERS = (
-    "pymongo.message", "pymongo.helpers_shared", "pymongo.synchronous.topology",
-    "pymongo.synchronous.client_session", "redis.backoff", "kombu.utils.functional",
-    "celery.utils.time",
-)
-"""Modules that draw from Python's global `random` in the worker's other threads."""
-
-
-def isolate_library_rngs() -> None:
-    """Give the libraries of LIBRARY_RNG_USERS a generator of their own.
-
-    Python's global `random` is part of a session's State (DESIGN §4.4), and the chunk's
-    thread shares it with every other thread of the worker (heartbeat, broker, reconcile):
-    pymongo draws operation ids from it when command logging or monitoring is on (and
-    request ids without its C extension), pymongo, redis-py, kombu and Celery draw retry
-    jitter. Left alone, such draws would land between the training steps in an order
-    that depends on timing, and a run would no longer be bit-identical to `ptutils run`.
-    """
-    import importlib
-    import random
-
-    private = random.Random()
-    for name in LIBRARY_RNG_USERS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if getattr(module, "random", None) is random:
-            module.random = private  # type: ignore[attr-defined]
-    try:
-        import pymongo.topology_description as description
-
-        description.sample = private.sample  # type: ignore[attr-defined]
-    except ImportError:
-        pass
 
 
 def _env_float(name: str, default: float) -> float:
@@ -270,7 +234,7 @@ def _abandon(why: str) -> None:
 
 
 _preemption = _Preemption()
-isolate_library_rngs()
+isolate_library_rngs(import_missing=True)
 _stopped = threading.Event()
 
 
