@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ptutils.store import open_store
+from tests.helpers import assert_bit_identical, digits_config, series
 
 ROOT = Path(__file__).resolve().parents[1]
 PTUTILS = [sys.executable, "-m", "orchestrator.cli"]
@@ -33,27 +34,10 @@ def ptutils(*args: str, cwd: Path | None = None, check: bool = False,
 
 
 def small_config(tmp_path: Path, **session) -> dict:
-    return {
-        "name": "small",
-        "imports": [KILLER],
-        "session": {"total_steps": 60, "chunk_steps": 20, "eval_every": 20, "log_every": 1,
-                    "seed": 3, **session},
-        "model": {
-            "network": {"type": "ptutils.nets.MLP", "in_features": 64, "hidden": [32],
-                        "out_features": 10, "dropout": 0.2},
-            "optimizer": {"type": "torch.optim.Adam", "lr": 0.003},
-            "scheduler": {"type": "torch.optim.lr_scheduler.StepLR", "step_size": 25,
-                          "gamma": 0.5},
-        },
-        "data": {"batch_size": 32, "seed": 1, "datasets": {
-            "train": {"type": "ptutils.data.DigitsReader",
-                      "split": {"fraction": 0.8, "part": "train"}},
-            "test": {"type": "ptutils.data.DigitsReader",
-                     "split": {"fraction": 0.8, "part": "test"}}}},
-        "eval": {"targets": {"test": {"data": "test", "metrics": ["loss", "accuracy"]}}},
-        "callbacks": [{"type": "killer.KillAt", "step": 10 ** 9,
-                       "marker": str(tmp_path / "killed")}],
-    }
+    """The shared digits config with a KillAt callback that does not fire unless told."""
+    return digits_config(imports=[KILLER], callbacks=[
+        {"type": "killer.KillAt", "step": 10 ** 9, "marker": str(tmp_path / "killed")}],
+        **session)
 
 
 def write(tmp_path: Path, cfg: dict, name: str = "exp.yaml") -> Path:
@@ -68,28 +52,6 @@ def final_state(store_dir: Path | str, name: str):
         ckpt = store.get_checkpoint(doc["_id"])
         stats = store.query_statistics(doc["_id"])
         return doc, ckpt, store.load_state(ckpt), stats
-
-
-def assert_bit_identical(a, b, path="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_bit_identical(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bit_identical(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
-
-
-def series(stats):
-    return [(p["phase"], p["step"], p["name"], p["value"]) for p in stats]
 
 
 @pytest.mark.parametrize("where", ["between checkpoints", "right after a checkpoint"])
@@ -194,7 +156,6 @@ def test_bad_input_is_refused_with_a_clear_error_and_nothing_stored(tmp_path, mu
 
 def test_failure_after_start_keeps_checkpoints_and_is_recorded(tmp_path):
     """A data file that disappears between runs: --resume fails clearly, earlier work intact."""
-    import numpy as np
     from sklearn.datasets import load_digits
 
     digits = load_digits()

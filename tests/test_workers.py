@@ -33,8 +33,8 @@ from ptutils.errors import BrokerUnavailable, SessionNotFound
 from ptutils.protocol import TRAIN, Task
 from ptutils.store import open_store
 from ptutils.store.mongo import MongoStore
+from tests.helpers import assert_bit_identical, digits_config
 from tests.servers import RedisProcess, uri_with_db
-from tests.test_run import assert_bit_identical
 from workers.app import make_app
 from workers.dispatch import Route, send
 
@@ -49,26 +49,10 @@ _live: list[Worker] = []
 
 # --- configs and reference runs --------------------------------------------------------
 def config(seed: int = 1, **session: Any) -> dict[str, Any]:
-    return {
-        "name": "digits",
-        "imports": [FIXTURES],
-        "session": {"total_steps": 60, "chunk_steps": 20, "eval_every": 20, "log_every": 1,
-                    "seed": seed, "retention": {"keep_last": 10}, **session},
-        "model": {
-            "network": {"type": "ptutils.nets.MLP", "in_features": 64, "hidden": [32],
-                        "out_features": 10, "dropout": 0.2},
-            "optimizer": {"type": "torch.optim.Adam", "lr": 0.003},
-            "scheduler": {"type": "torch.optim.lr_scheduler.StepLR", "step_size": 25,
-                          "gamma": 0.5},
-        },
-        "data": {"batch_size": 32, "seed": 1, "datasets": {
-            "train": {"type": "ptutils.data.DigitsReader",
-                      "split": {"fraction": 0.8, "part": "train"}},
-            "test": {"type": "ptutils.data.DigitsReader",
-                     "split": {"fraction": 0.8, "part": "test"}}}},
-        "eval": {"targets": {"test": {"data": "test", "metrics": ["loss", "accuracy"]}}},
-        "callbacks": [{"type": "worker_fixtures.SlowSteps"}],
-    }
+    cfg = digits_config(imports=[FIXTURES], callbacks=[{"type": "worker_fixtures.SlowSteps"}],
+                        seed=seed, retention={"keep_last": 10}, **session)
+    cfg["name"] = "digits"
+    return cfg
 
 
 def write_config(folder: Path, cfg: dict[str, Any], name: str = "exp.yaml") -> Path:

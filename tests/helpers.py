@@ -1,0 +1,56 @@
+"""Shared test helpers: the small digits config and bit-exact comparisons of States."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def digits_config(*, imports: list[str], callbacks: list[dict[str, Any]], seed: int = 3,
+                  **session: Any) -> dict[str, Any]:
+    """A digits MLP session that trains in a second or two: dropout (so the RNGs matter),
+    Adam and a StepLR (so optimizer and scheduler state matter), an eval every chunk."""
+    return {
+        "name": "small",
+        "imports": imports,
+        "session": {"total_steps": 60, "chunk_steps": 20, "eval_every": 20, "log_every": 1,
+                    "seed": seed, **session},
+        "model": {
+            "network": {"type": "ptutils.nets.MLP", "in_features": 64, "hidden": [32],
+                        "out_features": 10, "dropout": 0.2},
+            "optimizer": {"type": "torch.optim.Adam", "lr": 0.003},
+            "scheduler": {"type": "torch.optim.lr_scheduler.StepLR", "step_size": 25,
+                          "gamma": 0.5},
+        },
+        "data": {"batch_size": 32, "seed": 1, "datasets": {
+            "train": {"type": "ptutils.data.DigitsReader",
+                      "split": {"fraction": 0.8, "part": "train"}},
+            "test": {"type": "ptutils.data.DigitsReader",
+                     "split": {"fraction": 0.8, "part": "test"}}}},
+        "eval": {"targets": {"test": {"data": "test", "metrics": ["loss", "accuracy"]}}},
+        "callbacks": callbacks,
+    }
+
+
+def assert_bit_identical(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bit_identical(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bit_identical(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def series(stats):
+    return [(p["phase"], p["step"], p["name"], p["value"]) for p in stats]
