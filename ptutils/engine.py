@@ -353,9 +353,10 @@ class Engine:
         """Save(n): mark best/final checkpoints, apply retention, delete dropped blobs."""
         doc = self.store.get_session(task.session)
         plan = plan_of(doc)
-        keep = retained_steps(doc, self.store.list_checkpoints(task.session), plan)
+        ckpts = self.store.list_checkpoints(task.session)
+        keep = retained_steps(doc, ckpts, plan)
         dropped = 0
-        for ckpt in self.store.list_checkpoints(task.session):
+        for ckpt in ckpts:
             if (ckpt["step"], ckpt["kind"]) not in keep:
                 self.store.delete_checkpoint(task.session, ckpt["step"], ckpt["kind"])
                 dropped += 1
