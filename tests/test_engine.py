@@ -104,3 +104,32 @@ def test_retention_keeps_last_every_best_final_current_and_unevaluated():
     assert (55, "preempt") not in keep and (60, "preempt") not in keep
     final = retained_steps({"step": 100}, [_ckpt(90), _ckpt(100, "final", acc=0.1)], plan)
     assert (100, "final") in final
+
+
+def test_early_stopping_acts_at_the_fixed_point_of_the_plan(store):
+    """Eval(n) reaches the callbacks at the start of Train[n+K, ...): the decision point
+    does not depend on when the Eval finished. Loss falls, so mode=max never improves."""
+    from ptutils.runner import run_session
+
+    cfg = digits_config(imports=[], total_steps=200, callbacks=[
+        {"type": "ptutils.callbacks.EarlyStopping", "metric": "test/loss", "mode": "max",
+         "patience": 1}])
+    doc = store.create_session(new_session_doc("es", cfg, "h", 200))
+    summary = run_session(store, doc)
+    doc = store.get_session(doc["_id"])
+    # evals at 20 (best) and 40 (no better: patience 1 runs out); Eval(40) is delivered
+    # when Train[60, 80) starts, so the session ends at step 60
+    assert summary.status == "completed" and doc["step"] == 60
+    assert "early stopping" in doc["meta"]["stopped"] and "test/loss" in doc["meta"]["stopped"]
+
+
+def test_loss_threshold_fails_the_session_with_hi_loss_error(store):
+    from ptutils.errors import TrainingError
+    from ptutils.runner import run_session
+
+    cfg = digits_config(imports=[], callbacks=[
+        {"type": "ptutils.callbacks.LossThreshold", "threshold": 0.5}])
+    doc = store.create_session(new_session_doc("hi", cfg, "h", 60))
+    with pytest.raises(TrainingError, match="HiLossError.*threshold 0.5"):
+        run_session(store, doc)
+    assert store.get_session(doc["_id"])["status"] == "failed"
