@@ -96,16 +96,21 @@ def test_digits_example_reaches_95_percent(tmp_path):
     assert acc and acc[-1] >= 0.95, acc
 
 
-def test_export_writes_a_plain_state_dict(tmp_path):
-    cfg = small_config(tmp_path)
-    (tmp_path / "killed").write_text("x")
-    path = write(tmp_path, cfg)
-    store = tmp_path / "runs"
-    ptutils("run", str(path), "--store", str(store), "-q", check=True)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A store holding the completed session `small` (shared by the read-only tests)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    (tmp / "killed").write_text("x")
+    path = write(tmp, small_config(tmp))
+    ptutils("run", str(path), "--store", str(tmp / "runs"), "-q", check=True)
+    return tmp / "runs"
+
+
+def test_export_writes_a_plain_state_dict(tmp_path, finished_run):
     out = tmp_path / "net.pt"
-    ptutils("export", "small", "-o", str(out), "--store", str(store), check=True)
+    ptutils("export", "small", "-o", str(out), "--store", str(finished_run), check=True)
     weights = torch.load(out, weights_only=True)
-    _, _, state, _ = final_state(store, "small")
+    _, _, state, _ = final_state(finished_run, "small")
     assert weights.keys() == state["trainer"]["model"]["network"].keys()
     for k, v in weights.items():
         assert torch.equal(v, state["trainer"]["model"]["network"][k])
@@ -185,16 +190,12 @@ def test_run_help_explains_the_options():
         assert opt in out
 
 
-def test_stats_plot_writes_a_png(tmp_path):
-    cfg = small_config(tmp_path)
-    (tmp_path / "killed").write_text("x")
-    path = write(tmp_path, cfg)
-    store = tmp_path / "runs"
-    ptutils("run", str(path), "--store", str(store), "-q", check=True)
+def test_stats_plot_writes_a_png(tmp_path, finished_run):
     png = tmp_path / "curves.png"
-    ptutils("stats", "small", "--plot", str(png), "--store", str(store), check=True)
+    ptutils("stats", "small", "--plot", str(png), "--store", str(finished_run), check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out = json.loads(ptutils("stats", "small", "--json", "--store", str(store), check=True).stdout)
+    out = json.loads(ptutils("stats", "small", "--json", "--store", str(finished_run),
+                             check=True).stdout)
     assert len(out["small"]["train/loss"]["steps"]) == 60
 
 
