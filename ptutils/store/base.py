@@ -191,11 +191,16 @@ class Store(abc.ABC):
     def delete_session(self, session_id: str) -> None:
         """Remove a session, its checkpoints, unreferenced segments and statistics."""
 
+    def now(self) -> float:
+        """The store's clock (seconds since the epoch): leases are judged by it, not by
+        the clock of the worker or reconciler asking. Backends with a server override it."""
+        return time.time()
+
     def acquire_lease(
         self, session_id: str, token: str, worker: str, ttl: float, *, now: float | None = None
     ) -> dict[str, Any] | None:
         """Take the lease for `worker` if the token matches and the lease is free or expired."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         doc = self.get_session(session_id)
         if doc.get("token") != token:
             return None
@@ -212,7 +217,7 @@ class Store(abc.ABC):
         self, session_id: str, worker: str, ttl: float, *, now: float | None = None
     ) -> bool:
         """Extend the lease held by `worker`; False if it no longer holds it."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         return (
             self.cas_session(session_id, {"lease.worker": worker}, {"lease.expires": now + ttl})
             is not None
