@@ -1,8 +1,10 @@
 """The `ptutils` command.
 
 Exit codes: 0 success; 1 the run failed (the reason is stored on the session);
-2 bad input (config, arguments) — nothing was stored or queued; 3 the store or broker
-could not be reached.
+2 bad input (config, arguments, a session or store that does not exist) — nothing was
+stored or queued; 3 the store or broker could not be reached (a MongoDB store gets
+CONNECT_TIMEOUT_S to answer); 130 `run` stopped by Ctrl-C or SIGTERM after
+checkpointing (it prints the command that continues it).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -39,11 +42,21 @@ def store_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         metavar="PATH|URL", help=STORE_HELP)(fn)
 
 
-def open_store_or_fail(url: str | None) -> Any:
+CONNECT_TIMEOUT_S = 5.0
+"""Seconds a MongoDB store has to answer before a command gives up (exit 3). A URL's own
+serverSelectionTimeoutMS wins."""
+
+
+def open_store_or_fail(url: str | None, *, create: bool = True) -> Any:
+    """The store, or a clear failure: a value that cannot be a store is bad input (exit
+    2); a server that does not answer is unreachable (exit 3, one line). `create=False`:
+    a folder that holds no store is not created (`SessionNotFound`)."""
     from ptutils.store import open_store
 
     try:
-        return open_store(url)
+        return open_store(url, create=create, connect_timeout=CONNECT_TIMEOUT_S)
+    except (StoreUnavailable, SessionNotFound):
+        raise
     except StoreError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
 
@@ -68,7 +81,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fail(exc: Exception, code: int) -> None:
-    click.secho(f"error: {exc}", fg="red", err=True)
+    message = str(exc)
+    if code == 3:  # one line, without a server library's diagnostics dump
+        from ptutils.store.probe import short_reason
+
+        message = short_reason(message, limit=400)
+        message += ")" * (message.count("(") - message.count(")"))
+    click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
 
 
@@ -81,7 +100,7 @@ def main(verbose: int) -> None:
     \b
     Quick start (no servers needed):
       ptutils run examples/digits_mlp.yaml            train, checkpoint, evaluate
-      ptutils run examples/digits_mlp.yaml --resume   continue after an interruption
+      ptutils run --resume digits-mlp                 continue after an interruption
       ptutils stats digits-mlp --plot curves.png      look at the curves
 
     \b
@@ -96,42 +115,40 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set model.optimizer.lr=0.05 (repeatable; "
                    "values are parsed as YAML: 3, 0.1, true, [64, 64]).")
 @click.option("--name", default=None,
               help="Session name (default: the config's `name:` or the file name).")
 @store_option
-@click.option("--resume", is_flag=True,
-              help="Continue the session with this name from its latest checkpoint.")
+@click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[NAME]",
+              help="Continue a session from its latest checkpoint. `--resume NAME` needs no "
+                   "CONFIG: the session keeps the config and overrides it was started with. "
+                   "`CONFIG --resume` continues the session named by CONFIG (or --name).")
 @click.option("--force", is_flag=True,
               help="Delete an existing session with this name and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
-def run(config: str, overrides: tuple[str, ...], name: str | None, store_url: str | None,
-        resume: bool, force: bool, quiet: bool) -> None:
+def run(config: str | None, overrides: tuple[str, ...], name: str | None,
+        store_url: str | None, resume: str | None, force: bool, quiet: bool) -> None:
     """Train CONFIG in this process, against the embedded store (or any --store).
 
     Runs the session's plan: Train chunks of `session.chunk_steps` steps, each ending in a
     checkpoint, with Eval every `session.eval_every` steps and retention applied. A run
-    stopped at any point (Ctrl-C, kill, power loss) continues with --resume and ends
-    bit-identical to an uninterrupted one. See docs/config.md for every config key.
+    stopped at any point (Ctrl-C, kill, power loss) continues with `ptutils run --resume
+    NAME` and ends bit-identical to an uninterrupted one. See docs/config.md for every
+    config key.
     """
-    from ptutils.runner import load_experiment, prepare_session, run_session
+    from ptutils.runner import pause_session, run_session
 
-    if not os.path.exists(config):
-        raise click.BadParameter(f"no such file: {config} (from {os.getcwd()})",
-                                 param_hint="CONFIG")
-    cfg = load_experiment(config, overrides)
-    name = name or cfg.get("name") or os.path.splitext(os.path.basename(config))[0]
-    store = open_store_or_fail(store_url)
-    if force and not resume:
-        try:
-            store.delete_session(store.get_session(name)["_id"])
-        except SessionNotFound:
-            pass
-    doc, warm = prepare_session(store, cfg, name, resume=resume)
+    if resume is not None and config is None and _is_config_file(resume):
+        config, resume = resume, ""  # `run --resume exp.yaml`: the flag, then CONFIG
+    if config is None:
+        doc, warm, store = _resume_by_name(resume, name, overrides, store_url)
+    else:
+        doc, warm, store = _start_or_resume(config, overrides, name, store_url, resume, force)
+    name = doc["name"]
     if doc["status"] == "completed":
         click.echo(f"session {name} is already complete (step {doc['step']}).")
         from ptutils.runner import summarize
@@ -145,10 +162,81 @@ def run(config: str, overrides: tuple[str, ...], name: str | None, store_url: st
     with TrainProgress(doc, enabled=not quiet) as bar:
         summary = run_session(store, doc, warm=warm, progress=bar.update, stop_flag=stop)
     if stop.is_set() and summary.status != "completed":
-        click.echo(f"stopped at step {summary.step}; continue with: ptutils run {config} "
-                   f"--name {name} --resume" + (f" --store {store_url}" if store_url else ""))
+        pause_session(store, doc["_id"])
+        click.echo(f"stopped at step {summary.step}; continue with: "
+                   f"{resume_command(name, store)}")
         sys.exit(130)
     _print_summary(summary)
+
+
+def _is_config_file(value: str) -> bool:
+    return value.endswith((".yaml", ".yml", ".json")) and os.path.isfile(value)
+
+
+def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, ...],
+                    store_url: str | None) -> tuple[dict[str, Any], Any, Any]:
+    """`run --resume NAME`: the stored session, with the config it was started with."""
+    from ptutils.runner import resume_session
+
+    if resume is None:
+        raise click.UsageError("missing CONFIG (a YAML file), or `--resume NAME` to continue "
+                               "a stored session")
+    target = resume or name
+    if not target:
+        raise click.UsageError("--resume needs a session NAME when no CONFIG is given "
+                               "(`ptutils status` lists them)")
+    if name and resume and name != resume:
+        raise click.BadParameter(f"--resume {resume} and --name {name} name two sessions",
+                                 param_hint="--name")
+    if overrides:
+        raise click.BadParameter(
+            "a resumed session keeps the config and overrides it was started with; to "
+            "change them, start a new session (CONFIG --set ... --name NEW_NAME)",
+            param_hint="--set")
+    store = open_store_or_fail(store_url, create=False)
+    return resume_session(store, target), None, store
+
+
+def _start_or_resume(config: str, overrides: tuple[str, ...], name: str | None,
+                     store_url: str | None, resume: str | None, force: bool
+                     ) -> tuple[dict[str, Any], Any, Any]:
+    """`run CONFIG`: a new session (or, with --resume, the one CONFIG names)."""
+    from ptutils.runner import load_experiment, prepare_session
+
+    if not os.path.exists(config):
+        raise click.BadParameter(f"no such file: {config} (from {os.getcwd()})",
+                                 param_hint="CONFIG")
+    if resume and name and resume != name:
+        raise click.BadParameter(f"--resume {resume} and --name {name} name two sessions",
+                                 param_hint="--name")
+    cfg = load_experiment(config, overrides)
+    name = resume or name or cfg.get("name") or os.path.splitext(os.path.basename(config))[0]
+    store = open_store_or_fail(store_url, create=resume is None)
+    if force and resume is None:
+        try:
+            store.delete_session(store.get_session(name)["_id"])
+        except SessionNotFound:
+            pass
+    doc, warm = prepare_session(store, cfg, name, resume=resume is not None)
+    return doc, warm, store
+
+
+def resume_command(name: str, store: Any) -> str:
+    """The command that continues session `name`, as it can be pasted into a shell.
+
+    `--store` is written out when this command was given one on its command line (a
+    folder as an absolute path); a MongoDB password is never printed: it shows as `***`,
+    with a note to put it back (or to use $PTUTILS_STORE).
+    """
+    words = ["ptutils", "run", "--resume", name]
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source("store_url") if ctx is not None else None
+    note = ""
+    if source is click.core.ParameterSource.COMMANDLINE:
+        words += ["--store", store.url]
+        if ":***@" in store.url:
+            note = "  (put the store's password back for ***, or set $PTUTILS_STORE)"
+    return shlex.join(words) + note
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -213,9 +301,11 @@ def export(session: str, step: int | None, output: str, store_url: str | None) -
 def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
           plot: str | None, as_json: bool, store_url: str | None) -> None:
     """Statistics of one or more sessions (names or ids): a table, JSON, or a plot."""
-    from orchestrator.stats import print_stats
+    from orchestrator.stats import print_stats, require_plotting
 
-    store = open_store_or_fail(store_url)
+    if plot:
+        require_plotting()
+    store = open_store_or_fail(store_url, create=False)
     print_stats(store, list(sessions), names=list(names), phase=phase, plot=plot,
                 as_json=as_json)
 

@@ -15,11 +15,12 @@ import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import click
+
+from orchestrator.status import STATES
 
 STORE_HELP = ("Where runs are stored: a mongodb:// URL (or a folder, for workers on one "
               "machine). Falls back to $PTUTILS_STORE.")
@@ -52,10 +53,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def open_store_or_fail(url: str | None) -> Any:
+def open_store_or_fail(url: str | None, *, create: bool = True) -> Any:
+    """orchestrator.cli.open_store_or_fail, bound late."""
     from orchestrator.cli import open_store_or_fail as open_or_fail
 
-    return open_or_fail(url)
+    return open_or_fail(url, create=create)
 
 
 def _app(broker_url: str | None) -> Any:
@@ -77,8 +79,9 @@ def _csv(value: str) -> list[str]:
                    "no GPU found) runs --concurrency CPU workers.")
 @click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
               help="Worker processes per GPU, or in all on a CPU-only machine.")
-@click.option("--name", default="ptutils", show_default=True,
-              help="Worker name prefix; processes are NAME-gpu0@HOST, NAME-cpu0@HOST, ...")
+@click.option("--name", default=None, metavar="NAME",
+              help="Worker name prefix; processes are NAME-gpu0@HOST, NAME-cpu0@HOST, ... "
+                   "(default ptutils-PID: each `ptutils worker` on a host has its own names).")
 @broker_option
 @store_option
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(0),
@@ -96,7 +99,7 @@ def _csv(value: str) -> list[str]:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--events", "-E", is_flag=True, help="Send task events (for Flower).")
 @handle_errors
-def worker(queues: str, gpus: str, concurrency: int, name: str, broker_url: str | None,
+def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_url: str | None,
            store_url: str | None, grace: float, lease_ttl: float, reconcile_every: float,
            stall_after: float | None, loglevel: str, events: bool) -> None:
     """Run Celery workers for Train/Eval/Save tasks until SIGTERM.
@@ -113,7 +116,7 @@ def worker(queues: str, gpus: str, concurrency: int, name: str, broker_url: str 
         parse_gpus(gpus)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gpus") from exc
-    if not name or "@" in name:
+    if name is not None and (not name or "@" in name):
         raise click.BadParameter("a name without '@'", param_hint="--name")
     opts = WorkerOptions(
         queues=_csv(queues), gpus=gpus, concurrency=concurrency, name=name,
@@ -172,30 +175,55 @@ def submit(config: str, overrides: tuple[str, ...], sweeps: tuple[str, ...], que
 
 @click.command()
 @click.argument("sessions", nargs=-1)
-@click.option("--status", "status_filter", default=None,
-              type=click.Choice(["queued", "running", "paused", "completed", "failed",
-                                 "cancelled"]),
-              help="Only sessions with this status.")
+@click.option("--status", "status_filter", default=None, type=click.Choice(STATES),
+              help="Only sessions in this state (the state shown, see above).")
 @click.option("--sweep", default=None, help="Only the sessions of this sweep id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @store_option
 @handle_errors
 def status(sessions: tuple[str, ...], status_filter: str | None, sweep: str | None,
            as_json: bool, store_url: str | None) -> None:
-    """Sessions with status, step/total, last loss, last eval metric, worker and age.
+    """Sessions with state, step/total, last loss, last eval metric, worker and age.
 
     SESSIONS are names or ids (default: every session in the store).
-    """
-    from orchestrator.status import status_rows, status_table
 
-    store = open_store_or_fail(store_url)
+    \b
+    States: running (a worker holds its lease), queued, waiting (its next chunk
+    waits for an Eval), preempted (stopped at a preemption checkpoint, continuation
+    queued), lost (its worker's lease expired; reconcile requeues it), paused
+    (`ptutils run` stopped by Ctrl-C: `ptutils run --resume NAME`), completed, failed,
+    cancelled. --json has both `state` and the stored `status`.
+    A folder --store that holds no store is not created: "no sessions".
+    """
+    from orchestrator.status import status_rows
+
+    store = _open_for_reading(store_url, sessions, as_json)
+    if store is None:
+        return
     rows = status_rows(store, sessions, status=status_filter, sweep=sweep)
     if as_json:
         click.echo(json.dumps(rows))
         return
     from rich.console import Console
 
-    Console().print(status_table(rows))
+    from orchestrator.table import status_table
+
+    console = Console()
+    console.print(status_table(rows, console.width))
+
+
+def _open_for_reading(store_url: str | None, sessions: tuple[str, ...], as_json: bool) -> Any:
+    """The store, or None (after saying so) when a folder store does not exist and no
+    session was named: listing nothing is not an error. A named session is (exit 2)."""
+    from ptutils.errors import SessionNotFound
+
+    try:
+        return open_store_or_fail(store_url, create=False)
+    except SessionNotFound as exc:
+        if sessions:
+            raise
+        click.echo("[]" if as_json else str(exc))
+        return None
 
 
 @click.command()
@@ -207,21 +235,18 @@ def status(sessions: tuple[str, ...], status_filter: str | None, sweep: str | No
 @handle_errors
 def watch(sessions: tuple[str, ...], sweep: str | None, every: float,
           store_url: str | None) -> None:
-    """The status table, refreshed until every shown session is finished (or Ctrl-C)."""
-    from rich.live import Live
+    """The status table, refreshed until every shown session is finished.
 
-    from orchestrator.status import all_finished, status_rows, status_table
+    \b
+    On a terminal the table is redrawn in place. Otherwise (a pipe, a log file) a
+    timestamped table is printed whenever a row changed, with no control codes.
+    Ctrl-C or SIGTERM prints the last table and exits 0.
+    """
+    from orchestrator.watch import watch_sessions
 
-    store = open_store_or_fail(store_url)
-    rows = status_rows(store, sessions, sweep=sweep)
-    try:
-        with Live(status_table(rows), auto_refresh=False) as live:
-            while not all_finished(rows):
-                time.sleep(every)
-                rows = status_rows(store, sessions, sweep=sweep)
-                live.update(status_table(rows), refresh=True)
-    except KeyboardInterrupt:
-        pass
+    store = _open_for_reading(store_url, sessions, False)
+    if store is not None:
+        watch_sessions(store, sessions, sweep=sweep, every=every)
 
 
 @click.command()
@@ -236,7 +261,7 @@ def cancel(sessions: tuple[str, ...], store_url: str | None) -> None:
     """
     from orchestrator.status import cancel as do_cancel
 
-    store = open_store_or_fail(store_url)
+    store = open_store_or_fail(store_url, create=False)
     for ref in sessions:
         doc = do_cancel(store, ref)
         click.echo(f"{doc['name']}: {doc['status']} (step {doc['step']}/{doc['total_steps']})")

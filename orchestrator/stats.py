@@ -52,8 +52,26 @@ def print_stats(store: Store, refs: list[str], *, names: list[str], phase: str |
     Console().print(table)
 
 
+class MissingExtra(click.ClickException):
+    """An optional dependency is not installed (bad input: exit 2)."""
+
+    exit_code = 2
+
+
+def require_plotting() -> None:
+    """MissingExtra naming the extra to install, unless matplotlib imports."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra(
+            f"--plot needs matplotlib, which is not installed here ({exc}). Install the "
+            "plot extra: pip install 'ptutils[plot]' (or use --json, or the table)"
+        ) from None
+
+
 def write_plot(data: dict[str, Any], path: str) -> None:
     """One panel per statistic, one line per session."""
+    require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")

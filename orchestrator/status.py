@@ -1,21 +1,68 @@
-"""`ptutils status`, `ptutils watch`, `ptutils cancel`: follow and stop sessions."""
+"""`ptutils status`, `ptutils watch`, `ptutils cancel`: follow and stop sessions.
+
+What a row holds is decided here; how it is drawn, in orchestrator/table.py.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from ptutils.errors import OrchestratorError
-from ptutils.store.base import SessionStatus, Store, new_id
+from ptutils.errors import OrchestratorError, PtutilsError
+from ptutils.store.base import CheckpointKind, SessionStatus, Store, new_id
 
 CANCEL_ATTEMPTS = 20
 """Compare-and-set attempts of `cancel` against a session that keeps moving."""
 
 
+STATES = ("queued", "waiting", "preempted", "lost", "running", "paused", "completed", "failed",
+          "cancelled")
+"""What `status` shows: the stored status of a finished or paused session; otherwise what
+is true now. `running`: a worker holds a live lease. With no live lease: `lost` (a lease
+expired: its worker died, reconcile requeues it), `waiting` (its next chunk waits for an
+Eval result), `preempted` (stopped at a preemption checkpoint, its continuation queued),
+else `queued`. `paused`: `ptutils run` was stopped on request (`run --resume` continues)."""
+
+
+def display_state(store: Store, doc: dict[str, Any], now: float) -> tuple[str, int | None]:
+    """(state, the Eval step it waits for or None): see STATES."""
+    status = str(doc["status"])
+    if status not in (SessionStatus.QUEUED, SessionStatus.RUNNING):
+        return status, None
+    lease = doc.get("lease") or {}
+    if lease:
+        return ("running" if float(lease.get("expires", 0)) > now else "lost"), None
+    waiting = _awaited_eval(store, doc)
+    if waiting is not None:
+        return "waiting", waiting
+    ckpt = doc.get("checkpoint") or {}
+    if ckpt.get("kind") == str(CheckpointKind.PREEMPT) and ckpt.get("step") == doc["step"]:
+        return "preempted", None
+    return "queued", None
+
+
+def _awaited_eval(store: Store, doc: dict[str, Any]) -> int | None:
+    """The Eval step the session's next chunk waits for, if its result is not in yet."""
+    from ptutils.plan import pending_eval_steps  # imports torch: only when needed
+
+    try:
+        steps = pending_eval_steps(doc, int(doc["step"]))
+    except PtutilsError:
+        return None  # a config that no longer parses: the worker will say so
+    if not steps:
+        return None
+    n = steps[-1]
+    done = store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)
+    return None if done else n
+
+
 def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """What `status` shows of one session (also its --json form)."""
-    now = time.time() if now is None else now
+    """What `status` shows of one session (also its --json form).
+
+    `status` is the stored status, `state` what is true now (see STATES); `now` is the
+    store's clock, by which leases are judged.
+    """
+    now = store.now() if now is None else now
     sid, step = doc["_id"], int(doc["step"])
     loss = store.query_statistics(sid, name="loss", phase="train", step_min=step,
                                   step_max=step) if step else []
@@ -25,19 +72,21 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
     if evals:
         eval_step = max(p["step"] for p in evals)
         last_eval = {p["name"]: p["value"] for p in evals if p["step"] == eval_step}
+    state, waiting_for = display_state(store, doc, now)
     lease = doc.get("lease") or {}
-    live = bool(lease) and float(lease.get("expires", 0)) > now
     error = doc.get("error") or {}
     return {
         "id": sid,
         "name": doc["name"],
         "status": doc["status"],
+        "state": state,
+        "waiting_for": waiting_for,
         "step": step,
         "total_steps": int(doc["total_steps"]),
         "loss": loss[-1]["value"] if loss else None,
         "eval_step": eval_step,
         "eval": last_eval,
-        "worker": lease.get("worker") if live else None,
+        "worker": lease.get("worker") if state == "running" else None,
         "attempts": int(doc.get("attempts") or 0),
         "sweep": doc.get("sweep"),
         "created": float(doc.get("created") or 0),
@@ -47,6 +96,13 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
     }
 
 
+def _stored_statuses(state: str) -> list[str]:
+    """Stored statuses a session shown as `state` can have."""
+    if state in ("queued", "waiting", "preempted", "lost", "running"):
+        return [str(SessionStatus.QUEUED), str(SessionStatus.RUNNING)]
+    return [state]
+
+
 def status_rows(
     store: Store,
     refs: Sequence[str] = (),
@@ -54,51 +110,18 @@ def status_rows(
     status: str | None = None,
     sweep: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for the named sessions (names or ids), or every session matching the filters."""
+    """Rows for the named sessions (names or ids), or every session matching the filters.
+
+    `status` filters on the state shown (see STATES), not on the stored status.
+    """
     if refs:
         docs = [store.get_session(ref) for ref in refs]
     else:
-        docs = store.find_sessions(status=status, sweep=sweep)
-    now = time.time()
-    return [session_row(store, doc, now) for doc in docs]
-
-
-def headline_metric(row: dict[str, Any]) -> str:
-    """The eval metric to show: an accuracy if there is one, else the first by name."""
-    if not row["eval"]:
-        return ""
-    names = sorted(row["eval"])
-    name = next((n for n in names if n.endswith("accuracy")), names[0])
-    return f"{name}={row['eval'][name]:.4g} @{row['eval_step']}"
-
-
-def format_age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def status_table(rows: Sequence[dict[str, Any]]) -> Any:
-    """A rich Table of status rows."""
-    from rich.table import Table
-
-    colors = {"completed": "green", "failed": "red", "running": "cyan", "queued": "yellow",
-              "cancelled": "magenta", "paused": "blue"}
-    table = Table("name", "id", "status", "step", "loss", "last eval", "worker", "age")
-    table.columns[5].overflow = "fold"
-    for row in rows:
-        status = row["status"]
-        shown = f"[{colors.get(status, 'white')}]{status}[/]"
-        if row["error"]:
-            shown += f"\n{row['error'][:120]}"
-        table.add_row(
-            row["name"], row["id"][:8], shown, f"{row['step']}/{row['total_steps']}",
-            "" if row["loss"] is None else f"{row['loss']:.4g}", headline_metric(row),
-            row["worker"] or "", format_age(row["age"]),
-        )
-    return table
+        docs = store.find_sessions(status=_stored_statuses(status) if status else None,
+                                   sweep=sweep)
+    now = store.now()
+    rows = [session_row(store, doc, now) for doc in docs]
+    return [r for r in rows if status is None or r["state"] == status]
 
 
 def all_finished(rows: Sequence[dict[str, Any]]) -> bool:

@@ -79,42 +79,18 @@ def prepare_session(
 ) -> tuple[dict[str, Any], Session | None]:
     """The session document to run (created, or found for --resume) and a dry-built Session."""
     chash = config_hash(config)
+    if resume:
+        return resume_session(store, name, config_hash=chash), None
     try:
         doc = store.get_session(name)
     except SessionNotFound:
         doc = None
-    if doc is not None and not resume:
+    if doc is not None:
         raise SessionExists(
             f"a session named {name!r} already exists in {store.url} (status {doc['status']}, "
-            f"step {doc['step']}/{doc['total_steps']}). Resume it with `ptutils run CONFIG "
-            f"--name {name} --resume`, or start a new one with `--name NEW_NAME`."
+            f"step {doc['step']}/{doc['total_steps']}). Resume it with `ptutils run --resume "
+            f"{name}`, or start a new one with `--name NEW_NAME`."
         )
-    if doc is not None:
-        if doc["config_hash"] != chash:
-            raise ConfigError(
-                f"--resume: the config differs from the one session {name!r} was started with "
-                f"(hash {doc['config_hash']} vs {chash}). Resume with the original config "
-                "and overrides, or start a new session with `--name NEW_NAME`."
-            )
-        lease = doc.get("lease")
-        if lease and not lease_is_dead(lease):
-            raise SessionExists(
-                f"session {name!r} is running right now ({lease['worker']} holds its lease). "
-                "Wait for it, or stop that process first."
-            )
-        if lease:
-            doc = store.cas_session(doc["_id"], {"token": doc["token"]}, {"lease": None}) or doc
-        if doc["status"] in (
-            str(SessionStatus.FAILED),
-            str(SessionStatus.CANCELLED),
-            str(SessionStatus.PAUSED),
-        ):
-            doc = store.cas_session(
-                doc["_id"],
-                {"token": doc["token"]},
-                {"status": str(SessionStatus.RUNNING), "attempts": 0, "error": None, "lease": None},
-            ) or store.get_session(name)
-        return doc, None
     session = validate(config)
     import torch
 
@@ -128,6 +104,65 @@ def prepare_session(
         meta={"torch": torch.__version__, "threads": session.plan.threads},
     )
     return store.create_session(doc), session
+
+
+def resume_session(store: Store, name: str, *, config_hash: str | None = None) -> dict[str, Any]:
+    """The stored session `name`, made ready to continue with the config it was started
+    with; `config_hash` (of a config given again) must match it.
+
+    SessionNotFound if there is no such session; SessionExists if a live process holds
+    its lease. A failed, cancelled or paused session runs again with fresh attempts.
+    """
+    try:
+        doc = store.get_session(name)
+    except SessionNotFound:
+        raise SessionNotFound(
+            f"--resume: no session named {name!r} in {store.url}. List the sessions there "
+            f"with `ptutils status --store {store.url}`; start a new one without --resume."
+        ) from None
+    if config_hash is not None and doc["config_hash"] != config_hash:
+        raise ConfigError(
+            f"--resume: the config differs from the one session {name!r} was started with "
+            f"(hash {doc['config_hash']} vs {config_hash}). `ptutils run --resume {name}` "
+            "(no CONFIG) continues it with its own config and overrides; or start a new "
+            "session with `--name NEW_NAME`."
+        )
+    lease = doc.get("lease")
+    if lease and not lease_is_dead(lease, store.now()):
+        raise SessionExists(
+            f"session {name!r} is running right now ({lease['worker']} holds its lease). "
+            "Wait for it, or stop that process first."
+        )
+    if lease:
+        doc = store.cas_session(doc["_id"], {"token": doc["token"]}, {"lease": None}) or doc
+    if doc["status"] in (
+        str(SessionStatus.FAILED),
+        str(SessionStatus.CANCELLED),
+        str(SessionStatus.PAUSED),
+    ):
+        doc = store.cas_session(
+            doc["_id"],
+            {"token": doc["token"]},
+            {"status": str(SessionStatus.RUNNING), "attempts": 0, "error": None, "lease": None},
+        ) or store.get_session(name)
+    return doc
+
+
+def pause_session(store: Store, session_id: str) -> dict[str, Any]:
+    """Mark a session that `ptutils run` stopped on request as paused (no process runs it
+    and nothing is queued; `--resume` continues it). A finished one stays as it is."""
+    for _ in range(5):
+        doc = store.get_session(session_id)
+        if doc["status"] != str(SessionStatus.RUNNING) or doc.get("lease"):
+            return doc
+        new = store.cas_session(
+            session_id,
+            {"token": doc["token"], "status": doc["status"], "lease": None},
+            {"status": str(SessionStatus.PAUSED)},
+        )
+        if new is not None:
+            return new
+    return store.get_session(session_id)
 
 
 def local_worker_id() -> str:

@@ -53,7 +53,7 @@ class WorkerOptions:
     queues: Sequence[str] = ("train", "eval", "save")
     gpus: str = "all"
     concurrency: int = 1
-    name: str = "ptutils"
+    name: str | None = None  # node name prefix; None: default_name()
     broker: str | None = None
     store: str | None = None
     grace: float = 30.0
@@ -110,10 +110,17 @@ def parse_gpus(spec: str) -> list[str] | None:
     return ids
 
 
+def default_name() -> str:
+    """`ptutils-PID`: two `ptutils worker` on one host get distinct Celery node names
+    (`ptutils-PID-cpu0@HOST`), so remote control and Flower tell them apart."""
+    return f"ptutils-{os.getpid()}"
+
+
 def plan_slots(opts: WorkerOptions) -> list[Slot]:
     """The child workers to run: `concurrency` per GPU, or `concurrency` on CPU."""
     if opts.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
+    prefix = opts.name or default_name()
     gpus = parse_gpus(opts.gpus)
     if gpus is None:
         gpus = detect_gpus()
@@ -124,10 +131,10 @@ def plan_slots(opts: WorkerOptions) -> list[Slot]:
         for gpu in gpus:
             for i in range(opts.concurrency):
                 suffix = f"-{i}" if opts.concurrency > 1 else ""
-                slots.append(Slot(f"{opts.name}-gpu{gpu}{suffix}", gpu, len(slots)))
+                slots.append(Slot(f"{prefix}-gpu{gpu}{suffix}", gpu, len(slots)))
     else:
         for i in range(opts.concurrency):
-            slots.append(Slot(f"{opts.name}-cpu{i}", "", len(slots)))
+            slots.append(Slot(f"{prefix}-cpu{i}", "", len(slots)))
     return slots
 
 
