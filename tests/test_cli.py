@@ -290,3 +290,50 @@ def test_two_workers_on_one_host_get_distinct_node_names(tmp_path, redis_server)
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
         redis.Redis.from_url(broker).flushdb()
+
+
+# --- what a row says, and how a name is cut ------------------------------------------------
+def test_shown_state_follows_lease_checkpoint_and_awaited_eval(tmp_path):
+    from orchestrator.status import status_rows
+    from ptutils.store.base import StatPoint, new_session_doc
+
+    cfg = digits_config(imports=[], callbacks=[])  # chunks of 20, an Eval every 20 steps
+    cases = {  # name: (fields set on the stored session, state shown)
+        "between-chunks": ({"status": "running", "step": 20}, "queued"),
+        "held": ({"status": "running", "lease": {"worker": "w-cpu0@h:1", "expires": 1e12}},
+                 "running"),
+        "dead-worker": ({"status": "running", "lease": {"worker": "w-cpu0@h:1", "expires": 1}},
+                        "lost"),
+        "preempted": ({"status": "queued", "step": 27,
+                       "checkpoint": {"step": 27, "kind": "preempt"}}, "preempted"),
+        "waits-for-eval": ({"status": "queued", "step": 40}, "waiting"),
+        "evaluated": ({"status": "queued", "step": 40}, "queued"),
+        "done": ({"status": "completed", "step": 60}, "completed"),
+    }
+    with open_store(tmp_path / "runs") as store:
+        for name, (fields, _) in cases.items():
+            doc = store.create_session(new_session_doc(name, cfg, "h", 60))
+            store.cas_session(doc["_id"], {}, fields)
+            if name == "evaluated":
+                store.write_statistics(doc["_id"], [StatPoint("eval", 20, "test/loss", 0.5)])
+        rows = {r["name"]: r for r in status_rows(store)}
+    assert {n: r["state"] for n, r in rows.items()} == {n: c[1] for n, c in cases.items()}
+    assert rows["waits-for-eval"]["waiting_for"] == 20
+    assert rows["held"]["worker"] == "w-cpu0@h:1" and rows["dead-worker"]["worker"] is None
+
+
+@pytest.mark.parametrize("names", [
+    [f"exp-{m}" for m in MEMBERS],
+    [f"a-very-long-experiment-base-name-{m}" for m in MEMBERS],
+    [f"run-{'x' * 40}-{i}" for i in range(12)],  # no sweep: the differing end is kept
+    [f"{'y' * 30}-alpha-{'z' * 30}", f"{'y' * 30}-beta-{'z' * 30}"],  # differ in the middle
+])
+def test_names_fit_the_column_and_stay_distinct(names):
+    from orchestrator.table import fitted_names
+
+    rows = [{"name": n, "sweep": "s" if "=" in n else None} for n in names]
+    shown = fitted_names(rows, 24)
+    assert len(set(shown)) == len(names)
+    if "=" in names[0]:
+        assert all(s.endswith(m) for s, m in zip(shown, MEMBERS)), shown
+        assert max(map(len, shown)) <= max(24, max(map(len, MEMBERS)) + 2)
