@@ -22,13 +22,28 @@ class Trainer(Module):
     """Steps a Model on the DataProvider's train stream; its action is `step()`.
 
     Loss values stay on the device and are fetched every `log_every` steps in one
-    transfer, so logging costs one sync per interval, not one per step.
+    transfer, so logging costs one sync per interval, not one per step. Log points fall
+    on multiples of `log_every` and on chunk ends only: a run stopped between them
+    (preemption) carries its unlogged losses in its State, so a resumed run logs, and
+    fires `on_log`, exactly where an uninterrupted one does.
     """
 
     def __init__(self, model: Model, data: DataProvider, log_every: int = 10) -> None:
         self.model = model
         self.data = data
         self.log_every = max(1, int(log_every))
+        self._pending: list[torch.Tensor] = []
+        self._carried: list[float] = []
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pending_losses": self._carried + self._pending_values()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._pending = []
+        self._carried = [float(v) for v in state.get("pending_losses", [])]
+
+    def _pending_values(self) -> list[float]:
+        return torch.stack(self._pending).float().tolist() if self._pending else []
 
     def step(self) -> torch.Tensor:
         """One training step on the next batch; the detached loss."""
@@ -53,32 +68,28 @@ class Trainer(Module):
         """Run steps `start+1 .. stop` (or until `stop_flag`); (step reached, train stats)."""
         self.model.network.train()
         stats: list[Statistic] = []
-        pending: list[torch.Tensor] = []
         step = start
         while step < stop:
             if stop_flag is not None and stop_flag.is_set():
                 break
-            pending.append(self.step())
+            self._pending.append(self.step())
             step += 1
             if step % self.log_every == 0 or step == stop:
-                self._flush(step, pending, callbacks, history, stats, progress)
-        if pending:
-            self._flush(step, pending, callbacks, history, stats, progress)
+                self._flush(step, callbacks, history, stats, progress)
         return step, stats
 
     def _flush(
         self,
         step: int,
-        pending: list[torch.Tensor],
         callbacks: Callbacks,
         history: History,
         stats: list[Statistic],
         progress: ProgressFn | None,
     ) -> None:
-        values = torch.stack(pending).float().tolist()
+        values = self._carried + self._pending_values()
+        self._pending, self._carried = [], []
         first = step - len(values) + 1
         losses = list(zip(range(first, step + 1), values))
-        pending.clear()
         lr = self.model.lr()
         for s, v in losses:
             history.add("loss", v, s)
