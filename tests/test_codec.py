@@ -31,19 +31,37 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 # --- comparison ---------------------------------------------------------------------------
+UNSIGNED_NEG = {torch.uint16, torch.uint32, torch.uint64}  # neg views torch cannot resolve
+NEGATABLE = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex128,
+    torch.complex64, torch.complex32, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint8, *UNSIGNED_NEG,
+}  # fmt: skip
+
+
 def raw(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """The bytes of `t`'s value in C order, by a route other than the codec's: a copy into
+    a fresh tensor (copy_ materializes conjugate and negative views)."""
+    t = t.detach().cpu()
+    if t.is_neg() and t.dtype in UNSIGNED_NEG:  # -x wraps around, as numpy computes it
+        plain = np.frombuffer(raw(torch._neg_view(t)), dtype=f"u{t.dtype.itemsize}")
+        return np.negative(plain).tobytes()
+    dense = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return dense.view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def assert_same(a: Any, b: Any, path: str = "state") -> None:
     """Equal types and values; tensors and arrays by dtype, shape and bytes; floats by bits."""
-    assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
+    assert type(a) is type(b) or (type(a), type(b)) == (torch.nn.Parameter, torch.Tensor), (
+        f"{path}: {type(a)} != {type(b)}"
+    )
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape) == (b.dtype, b.shape), path
         assert raw(a) == raw(b), path
+        assert not (b.is_conj() or b.is_neg() or b.requires_grad), path
     elif isinstance(a, np.ndarray):
         assert (a.dtype, a.shape) == (b.dtype, b.shape), path
-        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), path
+        assert a.tobytes() == b.tobytes(), path
     elif isinstance(a, float):
         assert struct.pack("<d", a) == struct.pack("<d", b), f"{path}: {a!r} != {b!r}"
     elif isinstance(a, dict):
@@ -78,40 +96,107 @@ def round_trips(state: Any) -> dict[str, Any]:
     }
 
 
+def assert_round_trips(state: Any) -> None:
+    for way, back in round_trips(state).items():
+        try:
+            assert_same(state, back)
+        except AssertionError as exc:
+            raise AssertionError(f"{way}: {exc}") from exc
+
+
 # --- strategies ---------------------------------------------------------------------------
+LAYOUTS = ["permute", "step", "narrow", "odd stride", "unsqueeze", "expand", "channels_last",
+           "conj", "neg", "0-d", "empty", "parameter"]  # fmt: skip
+
+
+COMPLEX = [torch.complex128, torch.complex64, torch.complex32]
+FLOATING = [d for d in TORCH_DTYPES.values() if d.is_floating_point or d.is_complex]
+DTYPES_FOR = {"conj": COMPLEX, "neg": sorted(NEGATABLE, key=str), "parameter": FLOATING}
+
+
 @st.composite
 def tensors(draw: st.DrawFn) -> torch.Tensor:
-    """Any dtype, random bits (NaNs included); 0-d, empty, transposed or strided."""
-    dtype = draw(st.sampled_from(list(TORCH_DTYPES.values())))
-    rows, cols = draw(st.integers(0, 4)), draw(st.integers(0, 5))
-    data = draw(
-        st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
-    )
-    base = torch.tensor(list(data), dtype=torch.uint8).view(dtype).reshape(rows, cols)
-    form = draw(st.sampled_from(["plain", "transposed", "strided", "0-d", "empty"]))
-    if form == "transposed":
-        return base.t()
-    if form == "strided":
-        return base[:, ::2]
-    if form == "0-d" and base.numel():
-        return base.reshape(-1)[-1]  # a 0-d view with a storage offset
-    if form == "empty":
-        return base[:0]
-    return base
+    """Any dtype, random bits (NaNs included), in a layout torch makes (then up to two
+    more on top): permuted, sliced with steps, size-1 dims with any stride, expanded
+    (stride 0), channels_last(_3d), conjugate and negative views, 0-d, empty, Parameter."""
+    first = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES_FOR.get(first, list(TORCH_DTYPES.values()))))
+    cl = first == "channels_last"
+    dims = draw(st.integers(4, 5) if cl else st.integers(0, 4))
+    shape = draw(st.lists(st.integers(2 if cl else 1, 3), min_size=dims, max_size=dims))
+    shape = shape if math.prod(shape) <= 128 else [2] * dims
+    nbytes = math.prod(shape) * dtype.itemsize
+    data = draw(st.binary(min_size=nbytes, max_size=nbytes))
+    t = torch.tensor(list(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    for layout in [first, *draw(st.lists(st.sampled_from(LAYOUTS), max_size=2))]:
+        t = _apply(draw, layout, t)
+    return t
+
+
+def _apply(draw: st.DrawFn, layout: str, t: torch.Tensor) -> torch.Tensor:
+    if layout in ("odd stride", "expand") and 1 not in t.shape:
+        t = t.unsqueeze(draw(st.integers(0, t.dim())))
+    dims = t.dim()
+    if layout == "permute" and dims:
+        return t.permute(draw(st.permutations(range(dims))))
+    if layout in ("step", "narrow") and dims:
+        dim = draw(st.integers(0, dims - 1))
+        start = draw(st.integers(0, t.shape[dim] - 1)) if t.shape[dim] else 0
+        if layout == "narrow":  # a size-1 dim that keeps the stride of a bigger one
+            return t.narrow(dim, start, min(1, t.shape[dim]))
+        return t[(slice(None),) * dim + (slice(start, None, draw(st.integers(2, 3))),)]
+    if layout == "odd stride":  # size-1 dims may have any stride (torch ignores it)
+        odd = [draw(st.integers(0, 9)) if n == 1 else s for n, s in zip(t.shape, t.stride())]
+        return t.as_strided(t.shape, odd)
+    if layout == "unsqueeze":
+        return t.unsqueeze(draw(st.integers(0, dims)))
+    if layout == "expand":
+        return t.expand([draw(st.integers(0, 3)) if n == 1 else -1 for n in t.shape])
+    if layout == "channels_last" and dims in (4, 5):
+        fmt = torch.channels_last if dims == 4 else torch.channels_last_3d
+        return t.contiguous(memory_format=fmt)
+    if layout == "conj" and t.is_complex():
+        return t.conj()
+    if layout == "neg" and t.dtype in NEGATABLE:
+        return torch._neg_view(t)
+    if layout == "0-d" and t.numel():
+        return t.reshape(-1)[draw(st.integers(0, t.numel() - 1))]
+    if layout == "empty" and dims:
+        return t.narrow(draw(st.integers(0, dims - 1)), 0, 0)
+    if layout == "parameter" and (t.is_floating_point() or t.is_complex()):
+        return torch.nn.Parameter(t.detach())
+    return t
 
 
 @st.composite
 def arrays(draw: st.DrawFn) -> np.ndarray:
+    """Any supported dtype and byte order; transposed, reversed, stepped, broadcast
+    (stride 0), size-1 dims with odd strides, Fortran order, unaligned, read-only."""
     dtype = np.dtype(draw(st.sampled_from(NUMPY_DTYPES)))
-    rows, cols = draw(st.integers(0, 3)), draw(st.integers(0, 4))
-    data = draw(
-        st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
-    )
-    base = np.frombuffer(data, dtype=dtype).reshape(rows, cols).copy()
-    forms = [base, base.T, base[:, ::2]] + (
-        [base.reshape(-1)[-1:].reshape(())] if base.size else []
-    )
-    return draw(st.sampled_from(forms))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    data = draw(st.binary(min_size=math.prod(shape) * dtype.itemsize + 1,
+                          max_size=math.prod(shape) * dtype.itemsize + 1))  # fmt: skip
+    a = np.frombuffer(data, dtype=dtype, offset=1, count=math.prod(shape)).reshape(shape)
+    form = draw(st.sampled_from(["plain", "T", "reversed", "step", "broadcast", "odd stride",
+                                 "fortran", "0-d", "copy"]))  # fmt: skip
+    if form == "T":
+        return a.T
+    if form == "reversed" and a.ndim:
+        return a[::-1]
+    if form == "step" and a.ndim:
+        return a[..., ::2]
+    if form == "broadcast":
+        return np.broadcast_to(a, (2, *a.shape))
+    if form == "odd stride":
+        strides = [draw(st.integers(0, 40)) if n == 1 else s for n, s in zip(a.shape, a.strides)]
+        return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=False)
+    if form == "fortran":
+        return np.asfortranarray(a)
+    if form == "0-d" and a.size:
+        return a.reshape(-1)[-1:].reshape(())
+    if form == "copy":
+        return a.copy()
+    return a
 
 
 floats = st.floats(allow_nan=True, allow_infinity=True) | st.integers(0, 2**64 - 1).map(
@@ -139,14 +224,18 @@ states = st.recursive(
 
 
 # --- round trips --------------------------------------------------------------------------
-@FAST
+@settings(FAST, max_examples=150)
 @given(states)
 def test_random_states_round_trip_bit_exact_every_way(state: Any) -> None:
-    for way, back in round_trips(state).items():
-        try:
-            assert_same(state, back)
-        except AssertionError as exc:
-            raise AssertionError(f"{way}: {exc}") from exc
+    assert_round_trips(state)
+
+
+@settings(FAST, max_examples=300)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.lists(arrays(), max_size=2))
+def test_tensors_and_arrays_of_any_layout_round_trip_bit_exact(
+    values: list[torch.Tensor], more: list[np.ndarray]
+) -> None:
+    assert_round_trips({"tensors": values, "arrays": more})
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_DTYPES))
@@ -218,6 +307,77 @@ def test_scalar_edge_cases_round_trip() -> None:
     assert_same(
         back, {"enum": "red", "pair": (1, 2), "od": {"x": 1}}
     )  # stored like json stores them
+
+
+def _complex_at_offset() -> torch.Tensor:
+    return torch.randn(3, dtype=torch.complex64).as_strided((1,), (9,), 1)
+
+
+LAYOUT_REGRESSIONS = {
+    # Failing examples of the property tests (issue #8), each failed before the fix:
+    # `is_contiguous()` ignores the strides of size-1 dims, and so must the byte view.
+    "size-1 dims with odd strides": lambda: torch.zeros(2, 2, dtype=torch.float64)[:1, ::2],
+    "size-1 dim expanded from 0-d (stride 0)": lambda: torch.tensor(1.5).bfloat16().expand(1),
+    "size-1 dim, stride past the end, storage offset": _complex_at_offset,
+    "size-1 dims, strides 3 and 0": lambda: torch.arange(4, dtype=torch.int32).as_strided(
+        (1, 1), (3, 0)
+    ),
+    "empty, stride 0": lambda: torch.tensor(7, dtype=torch.int16).expand(0),
+    "empty conjugate view, stride 0": lambda: (
+        torch.ones((), dtype=torch.complex64).expand(0).conj()
+    ),
+    "negative view, size-1 dim with stride 6": lambda: torch._neg_view(
+        torch.randn(8).half().as_strided((1,), (6,), 1)
+    ),
+    "ZeroTensor": lambda: torch._efficientzerotensor((2, 3)),
+    # Layouts that always worked, kept next to them:
+    "channels_last with one channel": lambda: torch.randn(2, 1, 3, 3).contiguous(
+        memory_format=torch.channels_last
+    ),
+    "channels_last_3d": lambda: torch.randn(2, 3, 2, 2, 2).contiguous(
+        memory_format=torch.channels_last_3d
+    ),
+    "conjugate of a transposed complex32": lambda: (
+        torch.randn(3, 2, dtype=torch.complex64).to(torch.complex32).t().conj()
+    ),
+    "conjugate and negative at once": lambda: torch._neg_view(
+        torch.randn(4, dtype=torch.complex128).conj()
+    ),
+    "expanded then stepped": lambda: torch.randn(3, 1).expand(3, 4)[::2, 1:],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_REGRESSIONS))
+def test_tensor_layouts_round_trip_by_value(name: str) -> None:
+    tensor = LAYOUT_REGRESSIONS[name]()
+    assert_round_trips({"x": tensor, "in a tuple": (tensor, [tensor])})
+    stream = io.BytesIO()  # the streaming writer the issue reported
+    codec.dump({"x": tensor}, stream)
+    assert raw(codec.loads(stream.getvalue())["x"]) == raw(tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_negative_views_of_unsigned_tensors_wrap_around(dtype: torch.dtype) -> None:
+    top = 2 ** (8 * dtype.itemsize)
+    values = torch.tensor([0, 1, top // 2, top - 1], dtype=dtype)
+    for back in round_trips({"neg": torch._neg_view(values)}).values():
+        assert back["neg"].tolist() == [0, top - 1, top // 2, 1]  # what numpy's -x gives
+
+
+def test_negative_views_torch_cannot_negate_are_refused_by_path() -> None:
+    for dtype in (torch.bool, torch.float8_e4m3fn, torch.bits8):
+        view = torch._neg_view(torch.zeros(3, dtype=dtype))
+        with pytest.raises(CodecError, match=r"state\['m'\]\['w'\].*negative view.*" + str(dtype)):
+            codec.dumps({"m": {"w": view}})
+
+
+def test_numpy_layouts_round_trip() -> None:
+    a = np.arange(24, dtype="<f8").reshape(2, 3, 4)
+    odd = np.lib.stride_tricks.as_strided(a[:1, :, :1], (1, 3, 1), (7, 32, 3))
+    state = {"odd": odd, "broadcast": np.broadcast_to(a[0, 0], (5, 4)), "reversed": a[::-1],
+             "fortran": np.asfortranarray(a), "unaligned": np.frombuffer(b"\0" + a.tobytes(),
+             dtype="<f8", offset=1, count=24), "swapped": a.astype(">i4")[:, ::2]}  # fmt: skip
+    assert_round_trips(state)
 
 
 def test_tensors_needing_preparation_are_saved_by_value() -> None:
