@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import math
 import os
 import pickle  # only to build attack payloads: the codec itself never imports it
 import re
 import struct
+import subprocess
+import sys
 import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgpack
 import numpy as np
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptutils import codec
-from ptutils.codec import MAX_SEGMENT, TORCH_DTYPES, CodecError
+from ptutils.codec import MAX_DEPTH, MAX_SEGMENT, TORCH_DTYPES, CodecError
 from ptutils.errors import StoreUnavailable
 
 NUMPY_DTYPES = ["|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8",
@@ -647,6 +652,199 @@ def test_blobs_from_a_newer_format_ask_for_an_upgrade(blob: bytes) -> None:
     manifest = codec.encode({"x": 1}).manifest.replace(b"\xa7version\x01", b"\xa7version\x02")
     with pytest.raises(CodecError, match="upgrade"):
         codec.decode(manifest, lambda h: io.BytesIO())
+
+
+# --- nesting depth and hostile structures -------------------------------------------------
+def _nested(depth: int, kind: str) -> Any:
+    """`depth` containers, each holding the next; "mixed" cycles through every kind."""
+    value: Any = "leaf"
+    for level in range(depth):
+        form = kind if kind != "mixed" else ("tuple", "list", "dict", "key")[level % 4]
+        if form == "tuple":
+            value = (value, level)
+        elif form == "list":
+            value = [value]
+        elif form == "dict":
+            value = {"k": value}
+        else:  # a tuple key: the dict holding it is one level, the key another
+            value = {(level, value) if type(value) is str else (level,): value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "mixed"])
+def test_states_nested_max_depth_round_trip_and_one_more_is_refused(kind: str) -> None:
+    deepest = _nested(MAX_DEPTH, kind)
+    assert_round_trips(deepest)
+    too_deep = _nested(MAX_DEPTH + 1, kind)
+    message = rf"cannot encode state\[.*nested deeper than {MAX_DEPTH} levels.*MAX_DEPTH"
+    for write in (codec.dumps, lambda s: codec.dump(s, io.BytesIO()), codec.encode):
+        with pytest.raises(CodecError, match=message):
+            write(too_deep)
+        with pytest.raises(CodecError, match=message):
+            write({"inside": [too_deep]})
+
+
+def test_tuple_keys_count_towards_the_depth() -> None:
+    key: Any = "k"
+    for _ in range(MAX_DEPTH - 1):
+        key = (key,)
+    assert_round_trips({key: 1})  # the dict is level 1, the key's tuples levels 2..MAX_DEPTH
+    with pytest.raises(CodecError, match=r"tuple key.*nested deeper"):
+        codec.dumps({(key,): 1})
+
+
+def _ext(code: int, payload: bytes) -> bytes:
+    """A msgpack extension, packed by hand (msgpack's own packer would copy every level)."""
+    return _ext_header(code, len(payload)) + payload
+
+
+def _ext_header(code: int, n: int) -> bytes:
+    fixed = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+    if n in fixed:
+        return bytes([fixed[n], code & 0xFF])
+    for limit, marker, size in ((2**8, 0xC7, "B"), (2**16, 0xC8, "H"), (2**32, 0xC9, "I")):
+        if n < limit:
+            return struct.pack(f">B{size}b", marker, n, code)
+    raise ValueError(f"an extension payload of {n} bytes does not fit msgpack")
+
+
+def _nested_tuples(depth: int, codes: tuple[int, ...] = (1,)) -> bytes:
+    """The structure of `depth` 1-tuples, each holding the next, None innermost, the way
+    the codec writes it; built in linear time (a 100,000-deep one is ~700 KB)."""
+    heads, length = [], 2  # the innermost payload: [None]
+    for level in range(depth):
+        head = _ext_header(codes[level % len(codes)], length)
+        heads.append(head if level == depth - 1 else b"\x91" + head)
+        length += len(heads[-1])
+    return b"".join(reversed(heads)) + b"\x91\xc0"
+
+
+def _blob(tree: bytes, tensors: list[Any] = (), segments: list[bytes] = ()) -> bytes:
+    """A blob that passes every checksum around a hand-made structure and tensor table."""
+    manifest = msgpack.packb(
+        {"format": "ptutils.state", "version": codec.FORMAT_VERSION, "tree": tree,
+         "tensors": list(tensors), "segments": [[codec.checksum(s), len(s)] for s in segments]}
+    )  # fmt: skip
+    digest = xxhash.xxh3_128(manifest).digest()
+    out = struct.pack("<12sHHQ16s", codec.MAGIC, codec.FORMAT_VERSION, 0, len(manifest), digest)
+    out += manifest
+    for segment in segments:
+        out += bytes(-len(out) % codec.ALIGN) + segment
+    return out
+
+
+def test_hand_made_blobs_are_the_codecs_own_bytes() -> None:
+    for n in (1, 2, 3, 16, 255, 256, 70_000):
+        assert _ext(5, b"x" * n) == msgpack.packb(msgpack.ExtType(5, b"x" * n))
+    deepest: Any = None
+    for _ in range(MAX_DEPTH):
+        deepest = (deepest,)
+    assert _blob(_nested_tuples(MAX_DEPTH)) == codec.dumps(deepest)
+    w = torch.arange(4.0)
+    row = {"path": "state['w']", "kind": "torch", "dtype": "float32", "shape": [4],
+           "nbytes": 16, "segments": [[codec.checksum(raw(w)), 0]]}  # fmt: skip
+    tree = msgpack.packb({"w": msgpack.ExtType(2, bytes(4))})
+    assert _blob(tree, [row], [raw(w)]) == codec.dumps({"w": w})
+
+
+_TIB = 2**40
+_DECODE_IN_A_SMALL_THREAD = """
+import io, json, resource, sys, threading
+from ptutils import codec
+
+def decode_all(blob):
+    manifest = blob[40:40 + int.from_bytes(blob[16:24], "little")]
+    ways = {"loads": lambda: codec.loads(blob), "zero_copy": lambda: codec.loads(blob, zero_copy=True),
+            "load": lambda: codec.load(io.BytesIO(blob)),
+            "decode": lambda: codec.decode(manifest, lambda h: io.BytesIO(blob[-codec.MAX_SEGMENT:]))}
+    results = {}
+    for way, run in ways.items():
+        try:
+            results[way] = "ok " + type(run()).__name__
+        except codec.CodecError as exc:
+            results[way] = "CodecError: " + str(exc)
+    return results
+
+out = {}
+def main():
+    for path in sys.argv[1:]:
+        with open(path, "rb") as f:
+            out[path] = decode_all(f.read())
+threading.stack_size(512 * 1024)  # a 16th of a main thread's C stack: no recursion hides
+thread = threading.Thread(target=main)
+thread.start()
+thread.join()
+print(json.dumps({"results": out, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _hostile_blobs() -> dict[str, tuple[bytes, str]]:
+    """Blobs with valid checksums and a malicious or corrupt structure: name -> (blob,
+    what every decoder must say: "ok <type>" or a regex on the CodecError)."""
+    deep = f"nested deeper than {MAX_DEPTH} levels"
+    claimed = "exceeds max_.*_len|incomplete input"  # msgpack: more than the input holds
+    zeros = bytes(MAX_SEGMENT)
+    digest = codec.checksum(zeros)
+    huge_row = {"path": "x", "kind": "torch", "dtype": "float32", "shape": [_TIB],
+                "nbytes": 4 * _TIB,
+                "segments": [[digest, MAX_SEGMENT * i] for i in range(4 * _TIB // MAX_SEGMENT)]}  # fmt: skip
+    trees = {
+        "tuples 100,000 deep (~700 KB)": (_nested_tuples(100_000), deep),
+        "tuples and sizes 100,000 deep": (_nested_tuples(100_000, (1, 3)), deep),
+        f"tuples {MAX_DEPTH} deep": (_nested_tuples(MAX_DEPTH), "ok tuple"),
+        f"tuples {MAX_DEPTH + 1} deep": (_nested_tuples(MAX_DEPTH + 1), deep),
+        "a tuple key 100,000 deep": (b"\x81" + _nested_tuples(100_000) + b"\xc0", deep),
+        f"lists {MAX_DEPTH} deep": (b"\x91" * MAX_DEPTH + b"\xc0", "ok list"),
+        f"lists {MAX_DEPTH + 1} deep": (b"\x91" * (MAX_DEPTH + 1) + b"\xc0", deep),
+        f"dicts {MAX_DEPTH + 1} deep": (b"\x81\xa1k" * (MAX_DEPTH + 1) + b"\xc0", deep),
+        "lists 100,000 deep": (b"\x91" * 100_000 + b"\xc0", deep),
+        "a list claiming 2**32-1 items": (b"\xdd\xff\xff\xff\xff", claimed),
+        "a dict claiming 2**32-1 pairs": (b"\xdf\xff\xff\xff\xff", claimed),
+        "bytes claiming 4 GiB": (b"\xc6\xff\xff\xff\xff", claimed),
+        "a str claiming 4 GiB": (b"\xdb\xff\xff\xff\xff", claimed),
+        "a tuple claiming 4 GiB": (b"\xc9\xff\xff\xff\xff\x01", claimed),
+        "a tuple whose list claims 2**32-1 items": (
+            _ext(1, b"\xdd\xff\xff\xff\xff"),
+            claimed,
+        ),
+        "unknown extension type 99": (_ext(99, b""), "extension type 99"),
+        "msgpack's timestamp extension (-1)": (
+            msgpack.packb([msgpack.Timestamp(1, 2)]),
+            "extension type -1",
+        ),
+    }
+    blobs = {name: (_blob(tree), expect) for name, (tree, expect) in trees.items()}
+    blobs["4 TiB of one repeated 32 MiB segment"] = (
+        _blob(msgpack.packb(msgpack.ExtType(2, bytes(4))), [huge_row], [zeros]),
+        "need 4096.0 GiB of memory",
+    )
+    return blobs
+
+
+def test_hostile_structures_are_refused_without_crashing(tmp_path: Path) -> None:
+    """Every decoder, in a thread with a 512 KiB stack, in a child process: a crash shows
+    as a failed test, not a dead pytest; the child's memory stays small throughout."""
+    blobs = _hostile_blobs()
+    paths = {}
+    for i, (name, (blob, _)) in enumerate(blobs.items()):
+        paths[name] = tmp_path / f"{i}.ptu"
+        paths[name].write_bytes(blob)
+    child = subprocess.run(
+        [sys.executable, "-c", _DECODE_IN_A_SMALL_THREAD, *map(str, paths.values())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert child.returncode == 0, (
+        f"the decoding process died (return code {child.returncode}):\n{child.stderr[-3000:]}"
+    )
+    report = json.loads(child.stdout)
+    for name, (_, expect) in blobs.items():
+        results = report["results"][str(paths[name])]
+        for way, said in results.items():
+            if expect.startswith("ok"):
+                assert said == expect, f"{name}, {way}: {said}"
+            else:
+                assert re.search(f"CodecError: .*({expect})", said), f"{name}, {way}: {said}"
+    assert report["maxrss_kib"] < 2 * 2**20, f"the child peaked at {report['maxrss_kib']} KiB"
 
 
 def test_the_codec_never_imports_pickle() -> None:

@@ -9,6 +9,7 @@ one copy; `view_of` shares an existing buffer instead (zero-copy).
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -185,6 +186,28 @@ def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
         return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())
     a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
     return a, memoryview(a.reshape(-1).view(np.uint8))
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_room(nbytes: int) -> None:
+    """Refuse to allocate arrays that cannot fit in this machine's memory at all.
+
+    A blob stores a repeated segment once, so a small (corrupt or hostile) blob can
+    describe a huge state; refusing it up front beats being killed for memory.
+    """
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise CodecError(
+            f"the state's arrays need {nbytes / 2**30:.1f} GiB of memory, more than this "
+            f"machine has ({total / 2**30:.1f} GiB): a corrupt blob, or load it on a bigger one"
+        )
 
 
 @contextmanager

@@ -39,6 +39,10 @@ MAX_DEPTH = 100
 `loads` reads: a State of MAX_DEPTH nested tuples round-trips, one more level is a
 CodecError either way. Real states (state dicts, optimizer states) are under 10 deep."""
 
+_TOO_DEEP = (
+    f"the structure is nested deeper than {MAX_DEPTH} levels (ptutils.codec.MAX_DEPTH): "
+    "corrupt, or not written by ptutils"
+)
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _ALL_DTYPES = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
@@ -54,13 +58,16 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes | memoryview, ext_hook: Callable[[int, bytes], Any] | None = None) -> Any:
     """Strict msgpack decoding: str as str, any hashable map key, only the given ext types."""
-    return msgpack.unpackb(
-        data,
-        raw=False,
-        strict_map_key=False,  # dict keys may be ints, floats, None, tuples: on purpose
-        use_list=True,
-        ext_hook=ext_hook or _refuse_ext,
-    )
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,  # dict keys may be ints, floats, None, tuples: on purpose
+            use_list=True,
+            ext_hook=ext_hook or _refuse_ext,
+        )
+    except msgpack.StackError:  # msgpack's own limit on nested lists and maps (1024)
+        raise CodecError(_TOO_DEEP) from None
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -266,10 +273,7 @@ def _schedule(
         if kind is msgpack.Timestamp:
             raise CodecError("unexpected msgpack extension type -1 (timestamp) in the structure")
         if depth >= MAX_DEPTH:
-            raise CodecError(
-                f"the structure is nested deeper than {MAX_DEPTH} levels "
-                "(ptutils.codec.MAX_DEPTH): corrupt or not written by ptutils"
-            )
+            raise CodecError(_TOO_DEEP)
         if kind is _Deferred:
             items = unpack(child.payload, hook)  # one level: its tuples come back deferred
             if not isinstance(items, list):
