@@ -406,6 +406,14 @@ def test_cuda_tensors_are_saved_from_cpu_copies_and_load_on_cpu() -> None:
     back = codec.loads(codec.dumps({"t": t, "nc": t.t()}))
     assert back["t"].device.type == "cpu" and torch.equal(back["t"], t.cpu())
     assert torch.equal(back["nc"], t.t().cpu())
+    z = torch.randn(4, 1, 3, dtype=torch.complex64, device="cuda")
+    layouts = {"odd size-1 stride": t[:1, ::2], "expanded": t[:1].expand(4, 3),
+               "conj": z.conj(), "neg": torch._neg_view(z), "channels_last": torch.randn(
+                   2, 3, 2, 2, device="cuda").contiguous(memory_format=torch.channels_last)}  # fmt: skip
+    for way, back in round_trips(layouts).items():
+        for name, value in layouts.items():
+            assert back[name].device.type == "cpu", (way, name)
+            assert raw(back[name]) == raw(value), (way, name)
 
 
 def test_large_blobs_are_the_same_bytes_whichever_way_they_are_built() -> None:
