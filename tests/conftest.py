@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("PTUTILS_TEST", "1")
+# Hypothesis caches the constants it finds in our sources under its home directory;
+# keep that out of the checkout (nothing in it changes which examples run).
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY",
+    os.path.join(tempfile.gettempdir(), f"ptutils-hypothesis-{os.getuid()}"),
+)
+
+from hypothesis import settings  # noqa: E402
+
+# Property tests run the same examples on a fresh clone and on a warm checkout: no
+# example database (nothing saved from an earlier run is replayed), and examples derived
+# from each test's name, not from a random seed. A failure found this way reproduces on
+# every run; keep it as a plain regression test as well.
+settings.register_profile("ptutils", database=None, derandomize=True)
+settings.load_profile("ptutils")
 
 from tests.servers import *  # noqa: E402,F401,F403  (fixtures: redis_url, mongo_uri, mongo_store, ...)

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import math
 import os
 import pickle  # only to build attack payloads: the codec itself never imports it
 import re
 import struct
+import subprocess
+import sys
 import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgpack
 import numpy as np
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptutils import codec
-from ptutils.codec import MAX_SEGMENT, TORCH_DTYPES, CodecError
+from ptutils.codec import MAX_DEPTH, MAX_SEGMENT, TORCH_DTYPES, CodecError
 from ptutils.errors import StoreUnavailable
 
 NUMPY_DTYPES = ["|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8",
@@ -31,19 +36,37 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 # --- comparison ---------------------------------------------------------------------------
+UNSIGNED_NEG = {torch.uint16, torch.uint32, torch.uint64}  # neg views torch cannot resolve
+NEGATABLE = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex128,
+    torch.complex64, torch.complex32, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint8, *UNSIGNED_NEG,
+}  # fmt: skip
+
+
 def raw(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """The bytes of `t`'s value in C order, by a route other than the codec's: a copy into
+    a fresh tensor (copy_ materializes conjugate and negative views)."""
+    t = t.detach().cpu()
+    if t.is_neg() and t.dtype in UNSIGNED_NEG:  # -x wraps around, as numpy computes it
+        plain = np.frombuffer(raw(torch._neg_view(t)), dtype=f"u{t.dtype.itemsize}")
+        return np.negative(plain).tobytes()
+    dense = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return dense.view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def assert_same(a: Any, b: Any, path: str = "state") -> None:
     """Equal types and values; tensors and arrays by dtype, shape and bytes; floats by bits."""
-    assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
+    assert type(a) is type(b) or (type(a), type(b)) == (torch.nn.Parameter, torch.Tensor), (
+        f"{path}: {type(a)} != {type(b)}"
+    )
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape) == (b.dtype, b.shape), path
         assert raw(a) == raw(b), path
+        assert not (b.is_conj() or b.is_neg() or b.requires_grad), path
     elif isinstance(a, np.ndarray):
         assert (a.dtype, a.shape) == (b.dtype, b.shape), path
-        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), path
+        assert a.tobytes() == b.tobytes(), path
     elif isinstance(a, float):
         assert struct.pack("<d", a) == struct.pack("<d", b), f"{path}: {a!r} != {b!r}"
     elif isinstance(a, dict):
@@ -78,40 +101,107 @@ def round_trips(state: Any) -> dict[str, Any]:
     }
 
 
+def assert_round_trips(state: Any) -> None:
+    for way, back in round_trips(state).items():
+        try:
+            assert_same(state, back)
+        except AssertionError as exc:
+            raise AssertionError(f"{way}: {exc}") from exc
+
+
 # --- strategies ---------------------------------------------------------------------------
+LAYOUTS = ["permute", "step", "narrow", "odd stride", "unsqueeze", "expand", "channels_last",
+           "conj", "neg", "0-d", "empty", "parameter"]  # fmt: skip
+
+
+COMPLEX = [torch.complex128, torch.complex64, torch.complex32]
+FLOATING = [d for d in TORCH_DTYPES.values() if d.is_floating_point or d.is_complex]
+DTYPES_FOR = {"conj": COMPLEX, "neg": sorted(NEGATABLE, key=str), "parameter": FLOATING}
+
+
 @st.composite
 def tensors(draw: st.DrawFn) -> torch.Tensor:
-    """Any dtype, random bits (NaNs included); 0-d, empty, transposed or strided."""
-    dtype = draw(st.sampled_from(list(TORCH_DTYPES.values())))
-    rows, cols = draw(st.integers(0, 4)), draw(st.integers(0, 5))
-    data = draw(
-        st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
-    )
-    base = torch.tensor(list(data), dtype=torch.uint8).view(dtype).reshape(rows, cols)
-    form = draw(st.sampled_from(["plain", "transposed", "strided", "0-d", "empty"]))
-    if form == "transposed":
-        return base.t()
-    if form == "strided":
-        return base[:, ::2]
-    if form == "0-d" and base.numel():
-        return base.reshape(-1)[-1]  # a 0-d view with a storage offset
-    if form == "empty":
-        return base[:0]
-    return base
+    """Any dtype, random bits (NaNs included), in a layout torch makes (then up to two
+    more on top): permuted, sliced with steps, size-1 dims with any stride, expanded
+    (stride 0), channels_last(_3d), conjugate and negative views, 0-d, empty, Parameter."""
+    first = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES_FOR.get(first, list(TORCH_DTYPES.values()))))
+    cl = first == "channels_last"
+    dims = draw(st.integers(4, 5) if cl else st.integers(0, 4))
+    shape = draw(st.lists(st.integers(2 if cl else 1, 3), min_size=dims, max_size=dims))
+    shape = shape if math.prod(shape) <= 128 else [2] * dims
+    nbytes = math.prod(shape) * dtype.itemsize
+    data = draw(st.binary(min_size=nbytes, max_size=nbytes))
+    t = torch.tensor(list(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    for layout in [first, *draw(st.lists(st.sampled_from(LAYOUTS), max_size=2))]:
+        t = _apply(draw, layout, t)
+    return t
+
+
+def _apply(draw: st.DrawFn, layout: str, t: torch.Tensor) -> torch.Tensor:
+    if layout in ("odd stride", "expand") and 1 not in t.shape:
+        t = t.unsqueeze(draw(st.integers(0, t.dim())))
+    dims = t.dim()
+    if layout == "permute" and dims:
+        return t.permute(draw(st.permutations(range(dims))))
+    if layout in ("step", "narrow") and dims:
+        dim = draw(st.integers(0, dims - 1))
+        start = draw(st.integers(0, t.shape[dim] - 1)) if t.shape[dim] else 0
+        if layout == "narrow":  # a size-1 dim that keeps the stride of a bigger one
+            return t.narrow(dim, start, min(1, t.shape[dim]))
+        return t[(slice(None),) * dim + (slice(start, None, draw(st.integers(2, 3))),)]
+    if layout == "odd stride":  # size-1 dims may have any stride (torch ignores it)
+        odd = [draw(st.integers(0, 9)) if n == 1 else s for n, s in zip(t.shape, t.stride())]
+        return t.as_strided(t.shape, odd)
+    if layout == "unsqueeze":
+        return t.unsqueeze(draw(st.integers(0, dims)))
+    if layout == "expand":
+        return t.expand([draw(st.integers(0, 3)) if n == 1 else -1 for n in t.shape])
+    if layout == "channels_last" and dims in (4, 5):
+        fmt = torch.channels_last if dims == 4 else torch.channels_last_3d
+        return t.contiguous(memory_format=fmt)
+    if layout == "conj" and t.is_complex():
+        return t.conj()
+    if layout == "neg" and t.dtype in NEGATABLE:
+        return torch._neg_view(t)
+    if layout == "0-d" and t.numel():
+        return t.reshape(-1)[draw(st.integers(0, t.numel() - 1))]
+    if layout == "empty" and dims:
+        return t.narrow(draw(st.integers(0, dims - 1)), 0, 0)
+    if layout == "parameter" and (t.is_floating_point() or t.is_complex()):
+        return torch.nn.Parameter(t.detach())
+    return t
 
 
 @st.composite
 def arrays(draw: st.DrawFn) -> np.ndarray:
+    """Any supported dtype and byte order; transposed, reversed, stepped, broadcast
+    (stride 0), size-1 dims with odd strides, Fortran order, unaligned, read-only."""
     dtype = np.dtype(draw(st.sampled_from(NUMPY_DTYPES)))
-    rows, cols = draw(st.integers(0, 3)), draw(st.integers(0, 4))
-    data = draw(
-        st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
-    )
-    base = np.frombuffer(data, dtype=dtype).reshape(rows, cols).copy()
-    forms = [base, base.T, base[:, ::2]] + (
-        [base.reshape(-1)[-1:].reshape(())] if base.size else []
-    )
-    return draw(st.sampled_from(forms))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    data = draw(st.binary(min_size=math.prod(shape) * dtype.itemsize + 1,
+                          max_size=math.prod(shape) * dtype.itemsize + 1))  # fmt: skip
+    a = np.frombuffer(data, dtype=dtype, offset=1, count=math.prod(shape)).reshape(shape)
+    form = draw(st.sampled_from(["plain", "T", "reversed", "step", "broadcast", "odd stride",
+                                 "fortran", "0-d", "copy"]))  # fmt: skip
+    if form == "T":
+        return a.T
+    if form == "reversed" and a.ndim:
+        return a[::-1]
+    if form == "step" and a.ndim:
+        return a[..., ::2]
+    if form == "broadcast":
+        return np.broadcast_to(a, (2, *a.shape))
+    if form == "odd stride":
+        strides = [draw(st.integers(0, 40)) if n == 1 else s for n, s in zip(a.shape, a.strides)]
+        return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=False)
+    if form == "fortran":
+        return np.asfortranarray(a)
+    if form == "0-d" and a.size:
+        return a.reshape(-1)[-1:].reshape(())
+    if form == "copy":
+        return a.copy()
+    return a
 
 
 floats = st.floats(allow_nan=True, allow_infinity=True) | st.integers(0, 2**64 - 1).map(
@@ -139,14 +229,18 @@ states = st.recursive(
 
 
 # --- round trips --------------------------------------------------------------------------
-@FAST
+@settings(FAST, max_examples=150)
 @given(states)
 def test_random_states_round_trip_bit_exact_every_way(state: Any) -> None:
-    for way, back in round_trips(state).items():
-        try:
-            assert_same(state, back)
-        except AssertionError as exc:
-            raise AssertionError(f"{way}: {exc}") from exc
+    assert_round_trips(state)
+
+
+@settings(FAST, max_examples=300)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.lists(arrays(), max_size=2))
+def test_tensors_and_arrays_of_any_layout_round_trip_bit_exact(
+    values: list[torch.Tensor], more: list[np.ndarray]
+) -> None:
+    assert_round_trips({"tensors": values, "arrays": more})
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_DTYPES))
@@ -220,6 +314,77 @@ def test_scalar_edge_cases_round_trip() -> None:
     )  # stored like json stores them
 
 
+def _complex_at_offset() -> torch.Tensor:
+    return torch.randn(3, dtype=torch.complex64).as_strided((1,), (9,), 1)
+
+
+LAYOUT_REGRESSIONS = {
+    # Failing examples of the property tests (issue #8), each failed before the fix:
+    # `is_contiguous()` ignores the strides of size-1 dims, and so must the byte view.
+    "size-1 dims with odd strides": lambda: torch.zeros(2, 2, dtype=torch.float64)[:1, ::2],
+    "size-1 dim expanded from 0-d (stride 0)": lambda: torch.tensor(1.5).bfloat16().expand(1),
+    "size-1 dim, stride past the end, storage offset": _complex_at_offset,
+    "size-1 dims, strides 3 and 0": lambda: torch.arange(4, dtype=torch.int32).as_strided(
+        (1, 1), (3, 0)
+    ),
+    "empty, stride 0": lambda: torch.tensor(7, dtype=torch.int16).expand(0),
+    "empty conjugate view, stride 0": lambda: (
+        torch.ones((), dtype=torch.complex64).expand(0).conj()
+    ),
+    "negative view, size-1 dim with stride 6": lambda: torch._neg_view(
+        torch.randn(8).half().as_strided((1,), (6,), 1)
+    ),
+    "ZeroTensor": lambda: torch._efficientzerotensor((2, 3)),
+    # Layouts that always worked, kept next to them:
+    "channels_last with one channel": lambda: torch.randn(2, 1, 3, 3).contiguous(
+        memory_format=torch.channels_last
+    ),
+    "channels_last_3d": lambda: torch.randn(2, 3, 2, 2, 2).contiguous(
+        memory_format=torch.channels_last_3d
+    ),
+    "conjugate of a transposed complex32": lambda: (
+        torch.randn(3, 2, dtype=torch.complex64).to(torch.complex32).t().conj()
+    ),
+    "conjugate and negative at once": lambda: torch._neg_view(
+        torch.randn(4, dtype=torch.complex128).conj()
+    ),
+    "expanded then stepped": lambda: torch.randn(3, 1).expand(3, 4)[::2, 1:],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_REGRESSIONS))
+def test_tensor_layouts_round_trip_by_value(name: str) -> None:
+    tensor = LAYOUT_REGRESSIONS[name]()
+    assert_round_trips({"x": tensor, "in a tuple": (tensor, [tensor])})
+    stream = io.BytesIO()  # the streaming writer the issue reported
+    codec.dump({"x": tensor}, stream)
+    assert raw(codec.loads(stream.getvalue())["x"]) == raw(tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_negative_views_of_unsigned_tensors_wrap_around(dtype: torch.dtype) -> None:
+    top = 2 ** (8 * dtype.itemsize)
+    values = torch.tensor([0, 1, top // 2, top - 1], dtype=dtype)
+    for back in round_trips({"neg": torch._neg_view(values)}).values():
+        assert back["neg"].tolist() == [0, top - 1, top // 2, 1]  # what numpy's -x gives
+
+
+def test_negative_views_torch_cannot_negate_are_refused_by_path() -> None:
+    for dtype in (torch.bool, torch.float8_e4m3fn, torch.bits8):
+        view = torch._neg_view(torch.zeros(3, dtype=dtype))
+        with pytest.raises(CodecError, match=r"state\['m'\]\['w'\].*negative view.*" + str(dtype)):
+            codec.dumps({"m": {"w": view}})
+
+
+def test_numpy_layouts_round_trip() -> None:
+    a = np.arange(24, dtype="<f8").reshape(2, 3, 4)
+    odd = np.lib.stride_tricks.as_strided(a[:1, :, :1], (1, 3, 1), (7, 32, 3))
+    state = {"odd": odd, "broadcast": np.broadcast_to(a[0, 0], (5, 4)), "reversed": a[::-1],
+             "fortran": np.asfortranarray(a), "unaligned": np.frombuffer(b"\0" + a.tobytes(),
+             dtype="<f8", offset=1, count=24), "swapped": a.astype(">i4")[:, ::2]}  # fmt: skip
+    assert_round_trips(state)
+
+
 def test_tensors_needing_preparation_are_saved_by_value() -> None:
     param = torch.nn.Parameter(torch.randn(3, 2))
     z = torch.randn(4, dtype=torch.complex64)
@@ -241,6 +406,14 @@ def test_cuda_tensors_are_saved_from_cpu_copies_and_load_on_cpu() -> None:
     back = codec.loads(codec.dumps({"t": t, "nc": t.t()}))
     assert back["t"].device.type == "cpu" and torch.equal(back["t"], t.cpu())
     assert torch.equal(back["nc"], t.t().cpu())
+    z = torch.randn(4, 1, 3, dtype=torch.complex64, device="cuda")
+    layouts = {"odd size-1 stride": t[:1, ::2], "expanded": t[:1].expand(4, 3),
+               "conj": z.conj(), "neg": torch._neg_view(z), "channels_last": torch.randn(
+                   2, 3, 2, 2, device="cuda").contiguous(memory_format=torch.channels_last)}  # fmt: skip
+    for way, back in round_trips(layouts).items():
+        for name, value in layouts.items():
+            assert back[name].device.type == "cpu", (way, name)
+            assert raw(back[name]) == raw(value), (way, name)
 
 
 def test_large_blobs_are_the_same_bytes_whichever_way_they_are_built() -> None:
@@ -487,6 +660,199 @@ def test_blobs_from_a_newer_format_ask_for_an_upgrade(blob: bytes) -> None:
     manifest = codec.encode({"x": 1}).manifest.replace(b"\xa7version\x01", b"\xa7version\x02")
     with pytest.raises(CodecError, match="upgrade"):
         codec.decode(manifest, lambda h: io.BytesIO())
+
+
+# --- nesting depth and hostile structures -------------------------------------------------
+def _nested(depth: int, kind: str) -> Any:
+    """`depth` containers, each holding the next; "mixed" cycles through every kind."""
+    value: Any = "leaf"
+    for level in range(depth):
+        form = kind if kind != "mixed" else ("tuple", "list", "dict", "key")[level % 4]
+        if form == "tuple":
+            value = (value, level)
+        elif form == "list":
+            value = [value]
+        elif form == "dict":
+            value = {"k": value}
+        else:  # a tuple key: the dict holding it is one level, the key another
+            value = {(level, value) if type(value) is str else (level,): value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "mixed"])
+def test_states_nested_max_depth_round_trip_and_one_more_is_refused(kind: str) -> None:
+    deepest = _nested(MAX_DEPTH, kind)
+    assert_round_trips(deepest)
+    too_deep = _nested(MAX_DEPTH + 1, kind)
+    message = rf"cannot encode state\[.*nested deeper than {MAX_DEPTH} levels.*MAX_DEPTH"
+    for write in (codec.dumps, lambda s: codec.dump(s, io.BytesIO()), codec.encode):
+        with pytest.raises(CodecError, match=message):
+            write(too_deep)
+        with pytest.raises(CodecError, match=message):
+            write({"inside": [too_deep]})
+
+
+def test_tuple_keys_count_towards_the_depth() -> None:
+    key: Any = "k"
+    for _ in range(MAX_DEPTH - 1):
+        key = (key,)
+    assert_round_trips({key: 1})  # the dict is level 1, the key's tuples levels 2..MAX_DEPTH
+    with pytest.raises(CodecError, match=r"tuple key.*nested deeper"):
+        codec.dumps({(key,): 1})
+
+
+def _ext(code: int, payload: bytes) -> bytes:
+    """A msgpack extension, packed by hand (msgpack's own packer would copy every level)."""
+    return _ext_header(code, len(payload)) + payload
+
+
+def _ext_header(code: int, n: int) -> bytes:
+    fixed = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+    if n in fixed:
+        return bytes([fixed[n], code & 0xFF])
+    for limit, marker, size in ((2**8, 0xC7, "B"), (2**16, 0xC8, "H"), (2**32, 0xC9, "I")):
+        if n < limit:
+            return struct.pack(f">B{size}b", marker, n, code)
+    raise ValueError(f"an extension payload of {n} bytes does not fit msgpack")
+
+
+def _nested_tuples(depth: int, codes: tuple[int, ...] = (1,)) -> bytes:
+    """The structure of `depth` 1-tuples, each holding the next, None innermost, the way
+    the codec writes it; built in linear time (a 100,000-deep one is ~700 KB)."""
+    heads, length = [], 2  # the innermost payload: [None]
+    for level in range(depth):
+        head = _ext_header(codes[level % len(codes)], length)
+        heads.append(head if level == depth - 1 else b"\x91" + head)
+        length += len(heads[-1])
+    return b"".join(reversed(heads)) + b"\x91\xc0"
+
+
+def _blob(tree: bytes, tensors: list[Any] = (), segments: list[bytes] = ()) -> bytes:
+    """A blob that passes every checksum around a hand-made structure and tensor table."""
+    manifest = msgpack.packb(
+        {"format": "ptutils.state", "version": codec.FORMAT_VERSION, "tree": tree,
+         "tensors": list(tensors), "segments": [[codec.checksum(s), len(s)] for s in segments]}
+    )  # fmt: skip
+    digest = xxhash.xxh3_128(manifest).digest()
+    out = struct.pack("<12sHHQ16s", codec.MAGIC, codec.FORMAT_VERSION, 0, len(manifest), digest)
+    out += manifest
+    for segment in segments:
+        out += bytes(-len(out) % codec.ALIGN) + segment
+    return out
+
+
+def test_hand_made_blobs_are_the_codecs_own_bytes() -> None:
+    for n in (1, 2, 3, 16, 255, 256, 70_000):
+        assert _ext(5, b"x" * n) == msgpack.packb(msgpack.ExtType(5, b"x" * n))
+    deepest: Any = None
+    for _ in range(MAX_DEPTH):
+        deepest = (deepest,)
+    assert _blob(_nested_tuples(MAX_DEPTH)) == codec.dumps(deepest)
+    w = torch.arange(4.0)
+    row = {"path": "state['w']", "kind": "torch", "dtype": "float32", "shape": [4],
+           "nbytes": 16, "segments": [[codec.checksum(raw(w)), 0]]}  # fmt: skip
+    tree = msgpack.packb({"w": msgpack.ExtType(2, bytes(4))})
+    assert _blob(tree, [row], [raw(w)]) == codec.dumps({"w": w})
+
+
+_TIB = 2**40
+_DECODE_IN_A_SMALL_THREAD = """
+import io, json, resource, sys, threading
+from ptutils import codec
+
+def decode_all(blob):
+    manifest = blob[40:40 + int.from_bytes(blob[16:24], "little")]
+    ways = {"loads": lambda: codec.loads(blob), "zero_copy": lambda: codec.loads(blob, zero_copy=True),
+            "load": lambda: codec.load(io.BytesIO(blob)),
+            "decode": lambda: codec.decode(manifest, lambda h: io.BytesIO(blob[-codec.MAX_SEGMENT:]))}
+    results = {}
+    for way, run in ways.items():
+        try:
+            results[way] = "ok " + type(run()).__name__
+        except codec.CodecError as exc:
+            results[way] = "CodecError: " + str(exc)
+    return results
+
+out = {}
+def main():
+    for path in sys.argv[1:]:
+        with open(path, "rb") as f:
+            out[path] = decode_all(f.read())
+threading.stack_size(512 * 1024)  # a 16th of a main thread's C stack: no recursion hides
+thread = threading.Thread(target=main)
+thread.start()
+thread.join()
+print(json.dumps({"results": out, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _hostile_blobs() -> dict[str, tuple[bytes, str]]:
+    """Blobs with valid checksums and a malicious or corrupt structure: name -> (blob,
+    what every decoder must say: "ok <type>" or a regex on the CodecError)."""
+    deep = f"nested deeper than {MAX_DEPTH} levels"
+    claimed = "exceeds max_.*_len|incomplete input"  # msgpack: more than the input holds
+    zeros = bytes(MAX_SEGMENT)
+    digest = codec.checksum(zeros)
+    huge_row = {"path": "x", "kind": "torch", "dtype": "float32", "shape": [_TIB],
+                "nbytes": 4 * _TIB,
+                "segments": [[digest, MAX_SEGMENT * i] for i in range(4 * _TIB // MAX_SEGMENT)]}  # fmt: skip
+    trees = {
+        "tuples 100,000 deep (~700 KB)": (_nested_tuples(100_000), deep),
+        "tuples and sizes 100,000 deep": (_nested_tuples(100_000, (1, 3)), deep),
+        f"tuples {MAX_DEPTH} deep": (_nested_tuples(MAX_DEPTH), "ok tuple"),
+        f"tuples {MAX_DEPTH + 1} deep": (_nested_tuples(MAX_DEPTH + 1), deep),
+        "a tuple key 100,000 deep": (b"\x81" + _nested_tuples(100_000) + b"\xc0", deep),
+        f"lists {MAX_DEPTH} deep": (b"\x91" * MAX_DEPTH + b"\xc0", "ok list"),
+        f"lists {MAX_DEPTH + 1} deep": (b"\x91" * (MAX_DEPTH + 1) + b"\xc0", deep),
+        f"dicts {MAX_DEPTH + 1} deep": (b"\x81\xa1k" * (MAX_DEPTH + 1) + b"\xc0", deep),
+        "lists 100,000 deep": (b"\x91" * 100_000 + b"\xc0", deep),
+        "a list claiming 2**32-1 items": (b"\xdd\xff\xff\xff\xff", claimed),
+        "a dict claiming 2**32-1 pairs": (b"\xdf\xff\xff\xff\xff", claimed),
+        "bytes claiming 4 GiB": (b"\xc6\xff\xff\xff\xff", claimed),
+        "a str claiming 4 GiB": (b"\xdb\xff\xff\xff\xff", claimed),
+        "a tuple claiming 4 GiB": (b"\xc9\xff\xff\xff\xff\x01", claimed),
+        "a tuple whose list claims 2**32-1 items": (
+            _ext(1, b"\xdd\xff\xff\xff\xff"),
+            claimed,
+        ),
+        "unknown extension type 99": (_ext(99, b""), "extension type 99"),
+        "msgpack's timestamp extension (-1)": (
+            msgpack.packb([msgpack.Timestamp(1, 2)]),
+            "extension type -1",
+        ),
+    }
+    blobs = {name: (_blob(tree), expect) for name, (tree, expect) in trees.items()}
+    blobs["4 TiB of one repeated 32 MiB segment"] = (
+        _blob(msgpack.packb(msgpack.ExtType(2, bytes(4))), [huge_row], [zeros]),
+        "need 4096.0 GiB of memory",
+    )
+    return blobs
+
+
+def test_hostile_structures_are_refused_without_crashing(tmp_path: Path) -> None:
+    """Every decoder, in a thread with a 512 KiB stack, in a child process: a crash shows
+    as a failed test, not a dead pytest; the child's memory stays small throughout."""
+    blobs = _hostile_blobs()
+    paths = {}
+    for i, (name, (blob, _)) in enumerate(blobs.items()):
+        paths[name] = tmp_path / f"{i}.ptu"
+        paths[name].write_bytes(blob)
+    child = subprocess.run(
+        [sys.executable, "-c", _DECODE_IN_A_SMALL_THREAD, *map(str, paths.values())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert child.returncode == 0, (
+        f"the decoding process died (return code {child.returncode}):\n{child.stderr[-3000:]}"
+    )
+    report = json.loads(child.stdout)
+    for name, (_, expect) in blobs.items():
+        results = report["results"][str(paths[name])]
+        for way, said in results.items():
+            if expect.startswith("ok"):
+                assert said == expect, f"{name}, {way}: {said}"
+            else:
+                assert re.search(f"CodecError: .*({expect})", said), f"{name}, {way}: {said}"
+    assert report["maxrss_kib"] < 2 * 2**20, f"the child peaked at {report['maxrss_kib']} KiB"
 
 
 def test_the_codec_never_imports_pickle() -> None:

@@ -9,7 +9,10 @@ tensors and numpy arrays):
   `decode` reads them back through `open_segment(hash)`.
 
 Everything read is verified (lengths, checksums, structure); a truncated, corrupt or
-foreign input raises `CodecError` and never runs code. Tensors load on CPU.
+foreign input raises `CodecError` and never runs code or crashes the process. Tensors
+of any layout (strided views, expanded, channels_last, conjugate/negative views) are
+stored by value, in C order, and load on CPU as plain contiguous tensors. Containers
+nest at most `MAX_DEPTH` levels, in both directions.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from ptutils.codec.segments import (
     encode,
     segment_hashes,
 )
+from ptutils.codec.structure import MAX_DEPTH
 from ptutils.errors import CodecError
 
 __all__ = [
     "ALIGN",
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_DEPTH",
     "MAX_SEGMENT",
     "TORCH_DTYPES",
     "CodecError",

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from ptutils.codec.buffers import allocate, readonly_views, view_of
+from ptutils.codec.buffers import allocate, check_room, readonly_views, view_of
 from ptutils.codec.rawbytes import new_bytes
 from ptutils.codec.segments import (
     FORMAT_VERSION,
@@ -271,6 +271,7 @@ def _copy(view: memoryview, offset: int, target: memoryview) -> None:
 def _views(plan: Plan, view: memoryview, offsets: dict[str, int]) -> list[Any]:
     """Arrays sharing the blob's memory; an array whose segments are not one fresh run of
     the blob (a repeat of earlier bytes) gets its own copy, so no two arrays alias."""
+    check_room(plan.nbytes - plan.stored_nbytes)  # at least this much is copied
     shared: set[str] = set()
     with readonly_views():
         return [_view_or_copy(entry, view, offsets, shared) for entry in plan.entries]

@@ -9,6 +9,7 @@ one copy; `view_of` shares an existing buffer instead (zero-copy).
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -41,6 +42,11 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 _TORCH_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SIGNED_TWIN = {
+    getattr(torch, f"uint{bits}"): getattr(torch, f"int{bits}")
+    for bits in (16, 32, 64)
+    if isinstance(getattr(torch, f"uint{bits}", None), torch.dtype)
+}  # same width, two's complement: negating the signed twin gives the wrapped unsigned value
 NUMPY_DTYPE = re.compile(r"[<>|][biufc][0-9]{1,2}\Z")
 """The numpy dtype strings (`dtype.str`) the codec stores: bool, int, uint, float, complex."""
 _NOT_WRITABLE = "The given buffer is not writable"
@@ -81,6 +87,19 @@ def array_bytes(obj: Any, path: str) -> tuple[ArraySpec, memoryview]:
 
 
 def _tensor_bytes(t: torch.Tensor, path: str) -> tuple[ArraySpec, memoryview]:
+    name = _check_tensor(t, path)
+    t = _dense(_resolved(t, path))
+    spec = ArraySpec(TORCH, name, tuple(t.shape))
+    if t.numel() == 0:
+        return spec, memoryview(b"")
+    # `is_contiguous()` ignores the strides of size-1 dims (they can be anything), so
+    # address the elements directly: one flat run of numel items from the first one.
+    flat = t.as_strided((t.numel(),), (1,))
+    return spec, memoryview(flat.view(torch.uint8).numpy())
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> str:
+    """The dtype's name, or CodecError if the codec cannot store this kind of tensor."""
     if type(t) not in _PLAIN_TENSORS:
         raise CodecError(
             f"cannot encode {path}: tensor subclass {type(t).__qualname__} is not supported"
@@ -93,16 +112,42 @@ def _tensor_bytes(t: torch.Tensor, path: str) -> tuple[ArraySpec, memoryview]:
         )
     if t.is_meta:
         raise CodecError(f"cannot encode {path}: a meta tensor has no data")
+    return name
+
+
+def _resolved(t: torch.Tensor, path: str) -> torch.Tensor:
+    """`t` as plain CPU data: detached, lazy zero/conjugate/negative views materialized."""
     if t.requires_grad:
         t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    flat = t.view(-1).view(torch.uint8)
-    return ArraySpec(TORCH, name, tuple(t.shape)), memoryview(flat.numpy())
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype)
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = _resolve_neg(t, path)
+    return t
+
+
+def _resolve_neg(t: torch.Tensor, path: str) -> torch.Tensor:
+    """Materialize a negative view (`torch._neg_view`, `z.conj().imag`)."""
+    signed = _SIGNED_TWIN.get(t.dtype)
+    if signed is not None:  # torch has no neg for these: negate the same bits as signed
+        return torch._neg_view(t).contiguous().view(signed).neg().view(t.dtype)
+    try:
+        return t.resolve_neg()
+    except (RuntimeError, NotImplementedError) as exc:
+        raise CodecError(
+            f"cannot encode {path}: it is a negative view (is_neg()) of dtype {t.dtype}, and "
+            f"torch cannot negate that dtype ({exc}); store the tensor it was made from"
+        ) from None
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its elements lie in C order one after another, else a C-order copy
+    (transposed, sliced with steps, expanded, channels_last, overlapping)."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _ndarray_bytes(a: np.ndarray, path: str) -> tuple[ArraySpec, memoryview]:
@@ -112,9 +157,13 @@ def _ndarray_bytes(a: np.ndarray, path: str) -> tuple[ArraySpec, memoryview]:
             f"cannot encode {path}: numpy dtype {dtype} is not supported "
             "(bool, integer, float and complex only)"
         )
-    if not a.flags.c_contiguous:
+    spec = ArraySpec(NUMPY, dtype.str, tuple(a.shape))
+    if a.size == 0:
+        return spec, memoryview(b"")
+    if not a.flags.c_contiguous:  # numpy, like torch, ignores the strides of size-1 dims
         a = a.copy(order="C")
-    return ArraySpec(NUMPY, dtype.str, tuple(a.shape)), memoryview(a.reshape(-1).view(np.uint8))
+    flat = np.lib.stride_tricks.as_strided(a, (a.size,), (dtype.itemsize,), writeable=False)
+    return spec, memoryview(flat.view(np.uint8))
 
 
 def spec_from(kind: Any, dtype: Any, shape: Any) -> ArraySpec:
@@ -137,6 +186,28 @@ def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
         return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())
     a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
     return a, memoryview(a.reshape(-1).view(np.uint8))
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_room(nbytes: int) -> None:
+    """Refuse to allocate arrays that cannot fit in this machine's memory at all.
+
+    A blob stores a repeated segment once, so a small (corrupt or hostile) blob can
+    describe a huge state; refusing it up front beats being killed for memory.
+    """
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise CodecError(
+            f"the state's arrays need {nbytes / 2**30:.1f} GiB of memory, more than this "
+            f"machine has ({total / 2**30:.1f} GiB): a corrupt blob, or load it on a bigger one"
+        )
 
 
 @contextmanager

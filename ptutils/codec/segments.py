@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import xxhash
 
-from ptutils.codec.buffers import ArraySpec, allocate, array_bytes, spec_from
+from ptutils.codec.buffers import ArraySpec, allocate, array_bytes, check_room, spec_from
 from ptutils.codec.structure import TreeEncoder, decode_tree, pack, unpack
 from ptutils.errors import CodecError, PtutilsError
 
@@ -93,6 +93,16 @@ class Plan:
     tree: bytes
     entries: list[Entry]
     segments: list[tuple[str, int]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all arrays once loaded (repeated segments count each time)."""
+        return sum(entry.spec.nbytes for entry in self.entries)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of segment data (each distinct segment once)."""
+        return sum(nbytes for _, nbytes in self.segments)
 
 
 @contextmanager
@@ -239,6 +249,7 @@ Fill = Callable[[str, int, memoryview], None]
 def materialize(plan: Plan, fill: Fill) -> list[Any]:
     """Allocate every array of `plan` and fill it; `fill(hash, nbytes, target)` is called
     once per distinct segment, in segment-list order; repeats are copied from the first."""
+    check_room(plan.nbytes)
     filled: dict[str, memoryview] = {}
     arrays = []
     for entry in plan.entries:

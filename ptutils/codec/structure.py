@@ -5,6 +5,12 @@ The codec's own extension types carry what msgpack cannot tell apart (tuple, tor
 bytearray), what it cannot hold (ints beyond 64 bits, numpy scalars, torch dtypes and
 devices) and references into the tensor table. Decoding knows these types only: there
 is no way to name a class or a function in a blob, so loading one cannot run code.
+
+A tuple is an extension whose payload is its own msgpack document. Decoding never
+nests msgpack's C unpacker (each level would take ~40 KB of C stack: a few hundred
+nested tuples, or a few dozen on a 1 MB thread stack, crash the process): the first
+pass leaves tuples as `_Deferred` payloads and an explicit stack then unpacks and
+builds them, innermost first. Both directions refuse nesting deeper than `MAX_DEPTH`.
 """
 
 from __future__ import annotations
@@ -28,9 +34,15 @@ EXT_NPSCALAR = 6
 EXT_DTYPE = 7
 EXT_DEVICE = 8
 
-MAX_DEPTH = 200
-"""Deepest container nesting accepted (keeps encoding and decoding off the C stack's edge)."""
+MAX_DEPTH = 100
+"""Deepest container nesting (dict, list, tuple, tuple keys) that `dumps` writes and
+`loads` reads: a State of MAX_DEPTH nested tuples round-trips, one more level is a
+CodecError either way. Real states (state dicts, optimizer states) are under 10 deep."""
 
+_TOO_DEEP = (
+    f"the structure is nested deeper than {MAX_DEPTH} levels (ptutils.codec.MAX_DEPTH): "
+    "corrupt, or not written by ptutils"
+)
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _ALL_DTYPES = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
@@ -46,13 +58,16 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes | memoryview, ext_hook: Callable[[int, bytes], Any] | None = None) -> Any:
     """Strict msgpack decoding: str as str, any hashable map key, only the given ext types."""
-    return msgpack.unpackb(
-        data,
-        raw=False,
-        strict_map_key=False,  # dict keys may be ints, floats, None, tuples: on purpose
-        use_list=True,
-        ext_hook=ext_hook or _refuse_ext,
-    )
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,  # dict keys may be ints, floats, None, tuples: on purpose
+            use_list=True,
+            ext_hook=ext_hook or _refuse_ext,
+        )
+    except msgpack.StackError:  # msgpack's own limit on nested lists and maps (1024)
+        raise CodecError(_TOO_DEEP) from None
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -85,7 +100,7 @@ class TreeEncoder:
             return msgpack.ExtType(EXT_ARRAY, self._on_array(obj, path).to_bytes(4, "little"))
         if isinstance(obj, dict | list | tuple):
             if depth >= MAX_DEPTH:
-                raise CodecError(f"cannot encode {path}: nested deeper than {MAX_DEPTH} levels")
+                raise CodecError(_too_deep(path))
             return self._container(obj, path, depth + 1)
         return _scalar(obj, path)
 
@@ -96,7 +111,8 @@ class TreeEncoder:
         try:
             if isinstance(obj, dict):
                 return {
-                    _key(k, path): self._value(v, f"{path}[{k!r}]", depth) for k, v in obj.items()
+                    _key(k, path, depth): self._value(v, f"{path}[{k!r}]", depth)
+                    for k, v in obj.items()
                 }
             items = [self._value(v, f"{path}[{i}]", depth) for i, v in enumerate(obj)]
         finally:
@@ -149,7 +165,16 @@ def _scalar(obj: Any, path: str) -> Any:
     )
 
 
-def _key(key: Any, path: str) -> Any:
+def _too_deep(path: str) -> str:
+    shown = path if len(path) <= 120 else f"{path[:60]}...{path[-40:]}"
+    return (
+        f"cannot encode {shown}: containers nested deeper than {MAX_DEPTH} levels "
+        "(ptutils.codec.MAX_DEPTH); flatten that part of the state"
+    )
+
+
+def _key(key: Any, path: str, depth: int) -> Any:
+    """A dict key at container depth `depth` (a tuple key is one level deeper)."""
     if key is None or type(key) in (bool, float, bytes):
         return key
     if isinstance(key, str):
@@ -159,11 +184,28 @@ def _key(key: Any, path: str) -> Any:
     if isinstance(key, float):
         return float(key)
     if isinstance(key, tuple) and not isinstance(key, torch.Size):
-        return msgpack.ExtType(EXT_TUPLE, pack([_key(k, path) for k in key]))
+        if depth >= MAX_DEPTH:
+            raise CodecError(_too_deep(f"{path} (a tuple key)"))
+        return msgpack.ExtType(EXT_TUPLE, pack([_key(k, path, depth + 1) for k in key]))
     raise CodecError(
         f"cannot encode {path}: it has a key of type {type(key).__qualname__} ({key!r}); "
         f"keys must be {_KEY_TYPES}"
     )
+
+
+class _Deferred:
+    """A tuple (or torch.Size) not built yet: its extension code and msgpack payload."""
+
+    __slots__ = ("code", "payload")
+
+    def __init__(self, code: int, payload: bytes) -> None:
+        self.code, self.payload = code, payload
+
+
+_NESTED = {list, dict, _Deferred, msgpack.Timestamp}
+"""What `_build` looks into: containers, and the one extension msgpack decodes by itself
+(type -1, timestamps: it never reaches the ext hook) so that it is refused."""
+_Hook = Callable[[int, bytes], Any]
 
 
 def decode_tree(data: bytes, arrays: Sequence[Any]) -> Any:
@@ -177,17 +219,72 @@ def decode_tree(data: bytes, arrays: Sequence[Any]) -> Any:
             raise CodecError(
                 f"the structure refers to tensor #{index}, the table has {len(arrays)}"
             )
-        return _decode_ext(code, payload, hook)
+        if code in (EXT_TUPLE, EXT_SIZE):
+            return _Deferred(code, payload)
+        return _decode_ext(code, payload)
 
-    return unpack(data, hook)
+    root = [unpack(data, hook)]
+    _build(root, hook)
+    return root[0]
 
 
-def _decode_ext(code: int, payload: bytes, hook: Callable[[int, bytes], Any]) -> Any:
-    if code in (EXT_TUPLE, EXT_SIZE):
-        items = unpack(payload, hook)
-        if not isinstance(items, list):
-            raise CodecError("a tuple in the structure is malformed")
-        return tuple(items) if code == EXT_TUPLE else torch.Size(items)
+_VISIT, _TUPLE, _REKEY = range(3)  # the tasks of `_build`
+_Stack = list[tuple[Any, ...]]
+
+
+def _build(root: list[Any], hook: _Hook) -> None:
+    """Build every `_Deferred` under `root` in place, innermost first, with an explicit
+    stack (no recursion in Python or C); refuse nesting deeper than MAX_DEPTH."""
+    stack: _Stack = [(_VISIT, root, 0)]
+    while stack:
+        task, *args = stack.pop()
+        if task == _VISIT:  # schedule the nested children of a container
+            _visit(*args, stack, hook)
+        elif task == _TUPLE:  # every item of a deferred tuple is built: make the tuple
+            items, parent, slot, code = args
+            parent[slot] = tuple(items) if code == EXT_TUPLE else torch.Size(items)
+        else:  # every key of a dict is built: put them in place of the deferred ones
+            mapping, keys = args
+            values = list(mapping.values())
+            mapping.clear()
+            mapping.update(zip(keys, values))
+
+
+def _visit(node: list | dict, depth: int, stack: _Stack, hook: _Hook) -> None:
+    """Schedule the children of a container at `depth` (root: 0) that need work."""
+    if isinstance(node, dict):
+        if not _NESTED.isdisjoint(map(type, node)):  # tuple keys
+            keys = list(node)
+            stack.append((_REKEY, node, keys))  # runs once the keys below are built
+            _schedule(keys, range(len(keys)), keys, depth, stack, hook)
+        if not _NESTED.isdisjoint(map(type, node.values())):
+            _schedule(node, list(node), node.values(), depth, stack, hook)
+    elif not _NESTED.isdisjoint(map(type, node)):
+        _schedule(node, range(len(node)), node, depth, stack, hook)
+
+
+def _schedule(
+    parent: Any, slots: Any, children: Any, depth: int, stack: _Stack, hook: _Hook
+) -> None:
+    for slot, child in zip(slots, list(children)):
+        kind = type(child)
+        if kind not in _NESTED:
+            continue
+        if kind is msgpack.Timestamp:
+            raise CodecError("unexpected msgpack extension type -1 (timestamp) in the structure")
+        if depth >= MAX_DEPTH:
+            raise CodecError(_TOO_DEEP)
+        if kind is _Deferred:
+            items = unpack(child.payload, hook)  # one level: its tuples come back deferred
+            if not isinstance(items, list):
+                raise CodecError("a tuple in the structure is malformed")
+            parent[slot] = None  # the payload is no longer needed
+            stack.append((_TUPLE, items, parent, slot, child.code))  # runs after the items
+            child = items
+        stack.append((_VISIT, child, depth + 1))
+
+
+def _decode_ext(code: int, payload: bytes) -> Any:
     if code == EXT_BIGINT and payload:
         return int.from_bytes(payload, "big", signed=True)
     if code == EXT_BYTEARRAY:
