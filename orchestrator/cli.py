@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from orchestrator.trust import allow_imports_option
 from ptutils.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -108,6 +109,7 @@ def main(verbose: int) -> None:
 @click.option("--force", is_flag=True,
               help="Delete an existing session with this name and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@allow_imports_option(apply=True)
 @handle_errors
 def run(config: str, overrides: tuple[str, ...], name: str | None, store_url: str | None,
         resume: bool, force: bool, quiet: bool) -> None:
