@@ -240,7 +240,8 @@ def test_ptutils_submit_refuses_a_package_the_operator_did_not_allow(
         tmp_path: Path, strict: Cluster) -> None:
     marker = tmp_path / "ran"
     path = write(tmp_path, hostile(marker)["psutil imported"])
-    out = ptutils("submit", str(path), "--store", strict.store_uri, "--broker", strict.broker)
+    out = ptutils("submit", str(path), "--store", strict.store_uri, "--broker", strict.broker,
+                  env={"PTUTILS_ALLOW_IMPORTS": ""})
     assert out.returncode == 2, out.stderr
     assert "'psutil' is not allowed" in out.stderr
     assert "--allow-imports psutil" in out.stderr and "PTUTILS_ALLOW_IMPORTS" in out.stderr
