@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ptutils import policy as policies
@@ -192,7 +193,7 @@ class Registry:
         self,
         modules: Iterable[Any] | str,
         *,
-        base_dir: str | None = None,
+        base_dir: str | Path | None = None,
         code: Iterable[Mapping[str, Any]] | None = None,
         policy: Policy | None = None,
         from_disk: bool = True,
@@ -249,8 +250,8 @@ class Registry:
                 module = found.load()
             finally:
                 self._loading.discard(found.module_name)
-            if loaded is not None and loaded.module is not module:
-                _unload([loaded])
+            if loaded is not None and state.parent is None:
+                _unload([loaded])  # an edited file, loaded again outside any scope
             state.code[found.name] = _Code(found, module)
         return found.name
 
