@@ -153,7 +153,8 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str, interval: float = 
 
 def _env(broker: str, store: str, step_seconds: float = 0.0) -> dict[str, str]:
     return {"PYTHONPATH": str(ROOT), "PTUTILS_BROKER": broker, "PTUTILS_STORE": store,
-            "PTUTILS_TEST_STEP_SECONDS": str(step_seconds)}
+            "PTUTILS_TEST_STEP_SECONDS": str(step_seconds),
+            "PTUTILS_TRUST_SESSION_CODE": "1"}  # the configs ship worker_fixtures.py
 
 
 def ptutils_worker(name: str, broker: str, store: str, folder: Path, *args: str,

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from orchestrator.trust import allow_imports_option
 from ptutils.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -129,6 +130,7 @@ def main(verbose: int) -> None:
 @click.option("--force", is_flag=True,
               help="Delete an existing session with this name and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@allow_imports_option(apply=True)
 @handle_errors
 def run(config: str | None, overrides: tuple[str, ...], name: str | None,
         store_url: str | None, resume: str | None, force: bool, quiet: bool) -> None:
@@ -194,7 +196,16 @@ def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, 
             "change them, start a new session (CONFIG --set ... --name NEW_NAME)",
             param_hint="--set")
     store = open_store_or_fail(store_url, create=False)
-    return resume_session(store, target), None, store
+    doc = resume_session(store, target)
+    if doc.get("code"):
+        # The session's own .py files come from the store here, not from this disk. The
+        # person running `ptutils run --resume NAME` is this process's operator and has
+        # asked for exactly this session: trust its stored code (and only in here).
+        from ptutils import policy
+
+        current = policy.current()
+        policy.configure(policy.Policy(current.allow, trust_session_code=True))
+    return doc, None, store
 
 
 def _start_or_resume(config: str, overrides: tuple[str, ...], name: str | None,

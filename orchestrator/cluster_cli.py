@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from orchestrator.status import STATES
+from orchestrator.trust import allow_imports_option, trust_session_code_option
 
 STORE_HELP = ("Where runs are stored: a mongodb:// URL (or a folder, for workers on one "
               "machine). Falls back to $PTUTILS_STORE.")
@@ -98,10 +99,13 @@ def _csv(value: str) -> list[str]:
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--events", "-E", is_flag=True, help="Send task events (for Flower).")
+@allow_imports_option(apply=False)
+@trust_session_code_option
 @handle_errors
 def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_url: str | None,
            store_url: str | None, grace: float, lease_ttl: float, reconcile_every: float,
-           stall_after: float | None, loglevel: str, events: bool) -> None:
+           stall_after: float | None, loglevel: str, events: bool,
+           allow_imports: tuple[str, ...], trust_session_code: bool) -> None:
     """Run Celery workers for Train/Eval/Save tasks until SIGTERM.
 
     \b
@@ -122,7 +126,7 @@ def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_ur
         queues=_csv(queues), gpus=gpus, concurrency=concurrency, name=name,
         broker=broker_url, store=store_url, grace=grace, lease_ttl=lease_ttl,
         reconcile_every=reconcile_every, stall_after=stall_after, loglevel=loglevel,
-        events=events,
+        events=events, allow_imports=allow_imports, trust_session_code=trust_session_code,
     )
     sys.exit(run_workers(opts))
 
@@ -145,6 +149,7 @@ def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_ur
 @store_option
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print the sessions as JSON.")
+@allow_imports_option(apply=True, extra_help=" Checked here; each worker needs it too.")
 @handle_errors
 def submit(config: str, overrides: tuple[str, ...], sweeps: tuple[str, ...], queue: str,
            priority: int, name: str | None, tags: tuple[str, ...], store_url: str | None,

@@ -1,10 +1,13 @@
 """`ptutils submit`: validate, store, enqueue (DESIGN §6, first line).
 
 Every config of a submit (one, or the grid of a sweep) is built dry on CPU before
-anything is stored; then the broker is checked; then each session document is created
-(status queued) and its first Train task sent. If a send fails, every session this
-submit created is deleted again: a submit queues all of its sessions or none, and no
-session is ever left queued without a message.
+anything is stored (under this machine's policy: `--allow-imports`); then the broker
+is checked; then each session document is created (status queued) and its first Train
+task sent. The `.py` files under `imports:` are stored in each session document
+(field `code`), so a worker loads the submitted code from the store, never from its
+own disk. If a send fails, every session this submit created is deleted again: a
+submit queues all of its sessions or none, and no session is ever left queued without
+a message.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from ptutils.config import config_hash, expand_sweep
 from ptutils.errors import BrokerUnavailable, SessionExists, SessionNotFound, StoreError
 from ptutils.plan import train_task
 from ptutils.runner import load_experiment, validate
+from ptutils.sources import code_for
 from ptutils.store.base import SessionStatus, Store, new_id, new_session_doc
 from workers.dispatch import DEFAULT_PRIORITY, Route, check_broker, check_priority, send
 
@@ -55,6 +59,8 @@ class Prepared:
     overrides: list[str]
     total_steps: int
     threads: int
+    code: list[dict[str, str]] = field(default_factory=list)
+    """The `.py` files under `imports:` (name, sha256, source), stored with the session."""
 
 
 def prepare(
@@ -72,7 +78,7 @@ def prepare(
         base = base or cfg.get("name") or Path(path).stem
         session = validate(cfg)
         prepared.append(Prepared("", cfg, [*overrides, *combo], session.plan.total_steps,
-                                 session.plan.threads))
+                                 session.plan.threads, code_for(cfg)))
     for item, label in zip(prepared, sweep_names(str(base), combos)):
         item.name = label
     return prepared
@@ -150,7 +156,7 @@ def _session_doc(
 ) -> dict[str, Any]:
     import torch
 
-    return new_session_doc(
+    doc = new_session_doc(
         item.name,
         item.config,
         config_hash(item.config),
@@ -167,6 +173,7 @@ def _session_doc(
             "submitted_by": _who(),
         },
     )
+    return {**doc, "code": item.code}
 
 
 def _who() -> str:

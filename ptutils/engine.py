@@ -17,6 +17,7 @@ from typing import Any
 
 from ptutils import registry
 from ptutils.errors import PtutilsError, StoreError
+from ptutils.module import check_types
 from ptutils.plan import next_tasks, pending_eval_steps, plan_of
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
 from ptutils.rng import get_rng_state, isolate_library_rngs, set_rng_state
@@ -227,7 +228,7 @@ class Engine:
             set_rng_state(warm.rng)
             return warm.session
         self._warm = None
-        session = build_session(doc["config"])
+        session = build_session(doc["config"], doc.get("code"))
         if step > 0 or doc.get("checkpoint"):
             ckpt = self.store.get_checkpoint(doc["_id"], step)
             state = self.store.load_state(ckpt)
@@ -342,7 +343,7 @@ class Engine:
         if warm is not None and warm.session_id == doc["_id"] and warm.step == step:
             session = warm.session
         else:
-            session = build_session(doc["config"])
+            session = build_session(doc["config"], doc.get("code"))
             session.load_state_dict(
                 self.store.load_state(self.store.get_checkpoint(doc["_id"], step))
             )
@@ -394,12 +395,22 @@ def retained_steps(
     return keep
 
 
-def build_session(config: dict[str, Any]) -> Session:
-    """Build a Session from a stored config (imports allowed first)."""
-    imports = config.get("imports") or []
-    if imports:
-        registry.allow_imports(imports)
-    return Session.create(config)
+def build_session(
+    config: dict[str, Any], code: list[dict[str, Any]] | None = None
+) -> Session:
+    """Build a Session from a stored config and its stored session code (`doc["code"]`).
+
+    In a registry scope of its own: `imports:` are checked against this machine's
+    operator policy (ptutils.policy), the session's files are loaded only if the
+    operator trusts session code (or this process read them from its own disk, as
+    `ptutils run` does), a path is refused (a stored config names files by content), and
+    every `type:` is resolved before the first object is built. The session's modules
+    are dropped on return, so the next session never sees them.
+    """
+    with registry.session_scope():
+        registry.allow_imports(config.get("imports") or [], code=code, from_disk=False)
+        check_types(config)
+        return Session.create(config)
 
 
 def _check_torch_version(state: dict[str, Any], doc: dict[str, Any]) -> None:

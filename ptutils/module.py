@@ -205,6 +205,7 @@ class Module:
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(cfg).__name__}")
         if "type" not in cfg and cls is not Module:
+            check_types(cfg, where)
             return build_object(cls, {k: v for k, v in cfg.items()}, where=where, config=dict(cfg))
         return build(cfg, where=where)
 
@@ -259,13 +260,41 @@ def is_type_config(value: Any) -> bool:
     return isinstance(value, Mapping) and "type" in value
 
 
+def check_types(cfg: Any, where: str = "") -> None:
+    """Resolve every `type:` in `cfg`, at any depth, against the allowlist; build nothing.
+
+    A config is refused as a whole before its first object is built, so an allowed
+    constructor with side effects never runs when another part is not allowed.
+    """
+    from ptutils import registry
+
+    stack: list[tuple[Any, str]] = [(cfg, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, Mapping):
+            if "type" in value:
+                registry.resolve(str(value["type"]), where=f"{at}.type" if at else "type")
+            items = [(v, f"{at}.{k}" if at else str(k)) for k, v in value.items() if k != "type"]
+        elif isinstance(value, list):
+            items = [(v, f"{at}[{i}]") for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(items))  # depth first, in the order the config lists them
+
+
 def build(cfg: Mapping[str, Any], *, where: str = "", **extra: Any) -> Any:
     """Construct the object a `{"type": ..., **kwargs}` configuration describes.
 
-    Nested configurations with a `type:` are built first (depth first), except the
-    arguments a Module lists in `lazy_config`. `extra` adds arguments that are not
-    part of the config (an optimizer's `params`).
+    Every `type:` in `cfg` is resolved first (`check_types`). Nested configurations
+    with a `type:` are built first (depth first), except the arguments a Module lists
+    in `lazy_config`. `extra` adds arguments that are not part of the config (an
+    optimizer's `params`).
     """
+    check_types(cfg, where)
+    return _build(cfg, where, extra)
+
+
+def _build(cfg: Mapping[str, Any], where: str, extra: Mapping[str, Any]) -> Any:
     from ptutils import registry
 
     if not is_type_config(cfg):
@@ -310,7 +339,7 @@ def build_object(
 
 def _build_value(value: Any, where: str) -> Any:
     if is_type_config(value):
-        return build(value, where=where)
+        return _build(value, where, {})
     if isinstance(value, list):
         return [_build_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value

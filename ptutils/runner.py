@@ -23,20 +23,28 @@ from ptutils.errors import ConfigError, PtutilsError, SessionExists, SessionNotF
 from ptutils.plan import train_task
 from ptutils.rng import get_rng_state
 from ptutils.session import Session
+from ptutils.sources import SourceFile, code_for, looks_like_path
 from ptutils.store.base import SessionStatus, Store, new_session_doc
 
 log = logging.getLogger("ptutils.runner")
 
 
 def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a config file, apply `a.b=value` overrides, and make `imports:` paths absolute."""
+    """Read a config file and apply `a.b=value` overrides; `imports:` files become references.
+
+    Each `.py` path under `imports:` (relative to the config's folder) is read now and
+    replaced by `{module: NAME, sha256: HEX}`: the stored config names the content, not
+    a path, and `sources.code_for(config)` gives the sources to store with the session.
+    """
     cfg = apply_overrides(load_config(path), list(overrides))
     base = Path(path).resolve().parent
     imports = cfg.get("imports") or []
+    if isinstance(imports, str):
+        imports = [imports]
     if not isinstance(imports, list):
         raise ConfigError(f"{path}: imports: must be a list of module names or .py paths")
     cfg["imports"] = [
-        str((base / i).resolve()) if str(i).endswith(".py") and not os.path.isabs(str(i)) else i
+        SourceFile.read(i, base).reference() if isinstance(i, str) and looks_like_path(i) else i
         for i in imports
     ]
     if not cfg["imports"]:
@@ -103,7 +111,7 @@ def prepare_session(
         status=SessionStatus.RUNNING,
         meta={"torch": torch.__version__, "threads": session.plan.threads},
     )
-    return store.create_session(doc), session
+    return store.create_session({**doc, "code": code_for(config)}), session
 
 
 def resume_session(store: Store, name: str, *, config_hash: str | None = None) -> dict[str, Any]:

@@ -312,3 +312,43 @@ def test_configuration_load_and_get_path(tmp_path: Path) -> None:
     assert cfg.get_path("model.network.nope", "fallback") == "fallback"
     assert cfg.get_path("name.deeper", 0) == 0
     assert cfg.hash() == config_hash(apply_overrides(EXPERIMENT, ["optimizer.lr=0.5"]))
+
+
+# --- `imports:` files become content references ---------------------------------------
+def test_imports_files_are_stored_by_content_not_by_path(tmp_path: Path) -> None:
+    """The stored config names a .py file by module name and hash; the source goes with the
+    session; an edited file is another config (another hash)."""
+    from ptutils.runner import load_experiment
+    from ptutils.sources import code_for
+
+    (tmp_path / "conf").mkdir()
+    module = tmp_path / "conf" / "my_modules.py"
+    module.write_text("class Net:\n    pass\n")
+    path = tmp_path / "conf" / "exp.yaml"
+    path.write_text("imports: [./my_modules.py, ptutils.nets]\nname: x\n")
+
+    cfg = load_experiment(path)
+    digest = hashlib.sha256(module.read_bytes()).hexdigest()
+    assert cfg["imports"] == [{"module": "my_modules", "sha256": digest}, "ptutils.nets"]
+    assert str(tmp_path) not in json.dumps(cfg), "no path of the submitting machine is stored"
+    assert code_for(cfg) == [{"name": "my_modules", "sha256": digest,
+                              "source": module.read_text()}]
+    again = load_experiment(path, ["imports=[my_modules.py]"])
+    assert again["imports"] == [cfg["imports"][0]]
+
+    module.write_text("class Net:\n    width = 2\n")
+    edited = load_experiment(path)
+    assert edited["imports"][0]["sha256"] != digest
+    assert config_hash(edited) != config_hash(cfg)
+
+
+def test_imports_that_are_not_files_or_modules_are_refused(tmp_path: Path) -> None:
+    from ptutils.runner import load_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("imports: [./missing.py]\n")
+    with pytest.raises(ConfigError, match=r"'./missing.py': no such Python file"):
+        load_experiment(path)
+    path.write_text("imports: {a: 1}\n")
+    with pytest.raises(ConfigError, match="imports: must be a list"):
+        load_experiment(path)

@@ -167,7 +167,9 @@ class Worker:
                "--reconcile-every", "0.5", "--stall-after", "3", "--grace", "20",
                "--loglevel", "info", *args]
         full = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_TEST_PROGRESS": str(self.progress),
-                "PTUTILS_TEST_STEP_SECONDS": str(step_seconds), **(env or {})}
+                "PTUTILS_TEST_STEP_SECONDS": str(step_seconds),
+                "PTUTILS_TRUST_SESSION_CODE": "1",  # the configs ship worker_fixtures.py
+                **(env or {})}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -12,6 +12,8 @@ nothing is forked after CUDA is initialised). The launcher
   seconds; a second signal makes the children exit at once; children still running
   after grace + 5 s are killed;
 - takes its children with it if it is SIGKILLed (PR_SET_PDEATHSIG on Linux);
+- hands its children the operator's code policy (`--allow-imports`,
+  `--trust-session-code`, see ptutils.policy) in their environment;
 - runs a light reconcile loop in its first child (`reconcile_every`, 0 = off), so the
   session of a lost worker continues within lease TTL + a few seconds with no extra
   process to deploy.
@@ -62,6 +64,10 @@ class WorkerOptions:
     stall_after: float | None = None
     loglevel: str = "info"
     events: bool = False
+    allow_imports: Sequence[str] = ()
+    """Modules sessions may name on this worker, besides the library's (ptutils.policy)."""
+    trust_session_code: bool = False
+    """Load the .py files stored with a session; else such a session fails at once."""
 
 
 @dataclass
@@ -170,6 +176,8 @@ def child_env(opts: WorkerOptions, slot: Slot) -> dict[str, str]:
     env["PTUTILS_WORKER_RECONCILE"] = str(opts.reconcile_every) if first else "0"
     if opts.stall_after is not None:
         env["PTUTILS_STALL_AFTER"] = str(opts.stall_after)
+    env["PTUTILS_ALLOW_IMPORTS"] = ",".join(opts.allow_imports)
+    env["PTUTILS_TRUST_SESSION_CODE"] = "1" if opts.trust_session_code else "0"
     return env
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from celery import Task as CeleryTask
 from celery import signals
 
+from ptutils import policy
 from ptutils.engine import Engine, Outcome
 from ptutils.errors import PtutilsError, SessionNotFound, StoreError
 from ptutils.protocol import EVAL, SAVE, TASK_NAMES, TRAIN, Task
@@ -146,7 +147,8 @@ def context(hostname: str | None = None) -> WorkerContext:
             )
             if _preemption.signalled:
                 _context.shutdown()
-            log.info("worker %s uses store %s", worker, store.url)
+            log.info("worker %s uses store %s; %s", worker, store.url,
+                     policy.current().describe())
         return _context
 
 
