@@ -356,9 +356,10 @@ class Engine:
             return Outcome(task, False, "already evaluated", step=task.step)
         saved_rng = get_rng_state()
         try:
-            metrics = self._evaluate(doc, task.step)
-        except UNLOADABLE as exc:
-            return self._roll_back(doc, task, task.step, exc)
+            try:
+                metrics = self._evaluate(doc, task.step)
+            except UNLOADABLE as exc:
+                return self._roll_back(doc, task, task.step, exc)
         except StoreError:
             raise  # a store hiccup (retried already): redelivered, not the session's fault
         except Exception as exc:  # noqa: BLE001 - recorded on the session, worker stays up
