@@ -455,12 +455,11 @@ class Engine:
             except CheckpointCorrupt as exc:
                 self.store.mark_corrupt(ckpt, str(exc))
                 continue
-            session = build_session(doc["config"])
+            session = _session_of(doc)
             session.load_state_dict(state)
             _check_torch_version(state, doc)
             return ckpt, session, get_rng_state()
-        session = build_session(doc["config"])
-        return None, session, get_rng_state()
+        return None, _session_of(doc), get_rng_state()
 
     def _commit_rollback(
         self,
@@ -507,6 +506,11 @@ def build_session(config: dict[str, Any]) -> Session:
     if imports:
         registry.allow_imports(imports)
     return Session.create(config)
+
+
+def _session_of(doc: dict[str, Any]) -> Session:
+    """A fresh Session of a stored session document (at step 0)."""
+    return build_session(doc["config"])
 
 
 def _check_torch_version(state: dict[str, Any], doc: dict[str, Any]) -> None:

@@ -104,7 +104,7 @@ def prepare_session(
                 "and overrides, or start a new session with `--name NEW_NAME`."
             )
         lease = doc.get("lease")
-        if lease and not lease_is_dead(lease, store.now()):
+        if lease and not lease_is_dead(lease):
             raise SessionExists(
                 f"session {name!r} is running right now ({lease['worker']} holds its lease). "
                 "Wait for it, or stop that process first."
