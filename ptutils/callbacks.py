@@ -26,6 +26,13 @@ from ptutils.module import Module
 TRIGGERS = ("on_log", "on_chunk_end", "on_eval_end")
 """Trigger names a callback may handle."""
 
+MODES = ("min", "max")
+"""Whether a smaller or a larger value of a watched metric is better."""
+
+DEFAULT_MODE = "min"
+"""The one default of every `mode` / `best_mode` (callbacks, retention): metrics are
+losses unless said otherwise."""
+
 
 class Callback(Module):
     """Base class: every hook is a no-op; subclasses override what they need."""
@@ -109,8 +116,8 @@ class LossThreshold(Callback):
 class _MetricWatcher(Callback):
     """Tracks the best value of one eval metric; state: best value and its step."""
 
-    def __init__(self, metric: str, mode: str = "min") -> None:
-        if mode not in ("min", "max"):
+    def __init__(self, metric: str, mode: str = DEFAULT_MODE) -> None:
+        if mode not in MODES:
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
         self.metric = metric
         self.mode = mode
@@ -150,7 +157,7 @@ class EarlyStopping(_MetricWatcher):
     """Stop when `metric` has not improved by `min_delta` for `patience` evals."""
 
     def __init__(
-        self, metric: str, mode: str = "min", patience: int = 3, min_delta: float = 0.0
+        self, metric: str, mode: str = DEFAULT_MODE, patience: int = 3, min_delta: float = 0.0
     ) -> None:
         super().__init__(metric, mode)
         self.patience = int(patience)

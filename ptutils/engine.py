@@ -16,19 +16,43 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptutils import registry
-from ptutils.errors import PtutilsError, StoreError
+from ptutils.errors import CheckpointCorrupt, CheckpointNotFound, PtutilsError, StoreError
 from ptutils.module import check_types
-from ptutils.plan import next_tasks, pending_eval_steps, plan_of
+from ptutils.plan import next_tasks, pending_eval_steps, plan_of, train_task
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
+from ptutils.retention import (
+    GC_CHORE,
+    GC_EVERY_S,
+    apply_retention,
+    collect_garbage,
+    retained_steps,
+)
 from ptutils.rng import get_rng_state, isolate_library_rngs, set_rng_state
 from ptutils.session import Session, apply_determinism
 from ptutils.state import Statistic
-from ptutils.store.base import CheckpointKind, SessionStatus, StatPoint, Store, new_id
+from ptutils.store.base import (
+    GC_GRACE_S,
+    CheckpointKind,
+    SessionStatus,
+    StatPoint,
+    Store,
+    event,
+    new_id,
+    with_event,
+)
 
 log = logging.getLogger("ptutils.engine")
 
+__all__ = ["Engine", "Outcome", "ProgressFn", "build_session", "retained_steps"]
+
 ProgressFn = Callable[[str, int, float], None]
 """progress(session_id, step, loss), called at every log interval."""
+
+UNLOADABLE = (CheckpointCorrupt, CheckpointNotFound)
+"""A checkpoint that cannot be loaded: the session goes back to an intact one."""
+
+ROLLBACK_ATTEMPTS = 5
+"""Compare-and-set attempts of an Eval's rollback against a session that keeps moving."""
 
 
 @dataclass
@@ -64,12 +88,18 @@ class Engine:
         lease_ttl: float = 60.0,
         progress: ProgressFn | None = None,
         stop_flag: threading.Event | None = None,
+        gc_every: float = GC_EVERY_S,
+        gc_grace: float = GC_GRACE_S,
     ) -> None:
+        """`gc_every`: seconds between store-wide garbage collections (run from Save);
+        `gc_grace`: the age below which nothing unreferenced is collected."""
         self.store = store
         self.worker = worker
         self.lease_ttl = lease_ttl
         self.progress = progress
         self.stop_flag = stop_flag or threading.Event()
+        self.gc_every = gc_every
+        self.gc_grace = gc_grace
         self._warm: _Warm | None = None
         isolate_library_rngs()  # the store's client is imported by now
 
@@ -135,7 +165,10 @@ class Engine:
         return None
 
     def _train_leased(self, doc: dict[str, Any], task: Task, hb: _Heartbeat) -> Outcome:
-        session = self._session_at(doc, task.start)
+        try:
+            session = self._session_at(doc, task.start)
+        except UNLOADABLE as exc:
+            return self._roll_back(doc, task, task.start, exc)
         wait = self._deliver_evals(doc, session, task.start)
         if wait is not None:
             self.store.cas_session(  # release the lease; waiting was not an attempt
@@ -228,7 +261,7 @@ class Engine:
             set_rng_state(warm.rng)
             return warm.session
         self._warm = None
-        session = build_session(doc["config"], doc.get("code"))
+        session = _session_of(doc)
         if step > 0 or doc.get("checkpoint"):
             ckpt = self.store.get_checkpoint(doc["_id"], step)
             state = self.store.load_state(ckpt)
@@ -289,6 +322,7 @@ class Engine:
         # An Eval/Save runs beside the next Train chunk, so the session's token has
         # usually moved on: fail it whatever its token, and fence that chunk out.
         fenced = {"token": task.token} if task.kind == TRAIN else {"status": doc["status"]}
+        now = self.store.now()
         self.store.cas_session(
             task.session,
             fenced,
@@ -302,8 +336,9 @@ class Engine:
                     "traceback": tb,
                     "task": str(task),
                     "worker": self.worker,
-                    "time": time.time(),
+                    "time": now,
                 },
+                "events": with_event(doc, event("failed", f"{task}: {message}", now)),
             },
         )
         return Outcome(task, False, message, failed=True)
@@ -312,6 +347,9 @@ class Engine:
     def eval(self, task: Task) -> Outcome:
         """Eval(n): metrics of the checkpoint at n, as eval statistics; idempotent."""
         doc = self.store.get_session(task.session)
+        if int(doc["step"]) < task.step:
+            reason = f"stale: session went back to step {doc['step']}, before {task.step}"
+            return Outcome(task, False, reason, step=task.step)
         done = self.store.query_statistics(
             task.session, phase="eval", step_min=task.step, step_max=task.step
         )
@@ -319,7 +357,12 @@ class Engine:
             return Outcome(task, False, "already evaluated", step=task.step)
         saved_rng = get_rng_state()
         try:
-            metrics = self._evaluate(doc, task.step)
+            try:
+                metrics = self._evaluate(doc, task.step)
+            except UNLOADABLE as exc:
+                return self._roll_back(doc, task, task.step, exc)
+        except StoreError:
+            raise  # a store hiccup (retried already): redelivered, not the session's fault
         except Exception as exc:  # noqa: BLE001 - recorded on the session, worker stays up
             return self._fail(doc, task, exc)
         finally:
@@ -343,7 +386,7 @@ class Engine:
         if warm is not None and warm.session_id == doc["_id"] and warm.step == step:
             session = warm.session
         else:
-            session = build_session(doc["config"], doc.get("code"))
+            session = _session_of(doc)
             session.load_state_dict(
                 self.store.load_state(self.store.get_checkpoint(doc["_id"], step))
             )
@@ -353,46 +396,109 @@ class Engine:
     def save(self, task: Task) -> Outcome:
         """Save(n): mark best/final checkpoints, apply retention, delete dropped blobs."""
         doc = self.store.get_session(task.session)
-        plan = plan_of(doc)
-        ckpts = self.store.list_checkpoints(task.session)
-        keep = retained_steps(doc, ckpts, plan)
-        dropped = 0
-        for ckpt in ckpts:
-            if (ckpt["step"], ckpt["kind"]) not in keep:
-                self.store.delete_checkpoint(task.session, ckpt["step"], ckpt["kind"])
-                dropped += 1
-        return Outcome(task, True, f"kept {len(keep)}, dropped {dropped}", step=task.step)
+        dropped = apply_retention(self.store, doc, grace=self.gc_grace)
+        self._collect_garbage()
+        return Outcome(task, True, f"dropped {dropped}", step=task.step)
 
+    def _collect_garbage(self) -> None:
+        """Store-wide garbage collection, at most every `gc_every` s across all workers.
+        A failure is logged, never a failed Save: the next claim tries again."""
+        try:
+            if self.store.claim_periodic(GC_CHORE, self.gc_every):
+                collect_garbage(self.store, older_than=self.gc_grace)
+        except StoreError as exc:
+            log.warning("garbage collection failed (%s); a later Save tries again", exc)
 
-def retained_steps(
-    doc: dict[str, Any], ckpts: list[dict[str, Any]], plan: Any
-) -> set[tuple[int, str]]:
-    """(step, kind) of the checkpoints retention keeps (pure function of the store)."""
-    r = plan.retention
-    current = int(doc["step"])
-    live = [c for c in ckpts if c["step"] <= current]
-    steps = sorted({c["step"] for c in live})
-    keep_steps = set(steps[-max(r.keep_last, 1) :])
-    keep_steps.add(current)
-    if r.keep_every:
-        keep_steps.update(s for s in steps if s % r.keep_every == 0)
-    for c in live:
-        if plan.eval_due(c["step"]) and not c.get("metrics", {}).keys() - {"loss"}:
-            keep_steps.add(c["step"])  # not evaluated yet: the Eval task still needs it
-    if r.best_metric:
-        scored = [c for c in live if r.best_metric in c.get("metrics", {})]
-        if scored:
-            pick = max if r.best_mode == "max" else min
-            keep_steps.add(pick(scored, key=lambda c: c["metrics"][r.best_metric])["step"])
-    keep: set[tuple[int, str]] = set()
-    for c in live:
-        if c["step"] in keep_steps and (
-            c["kind"] != str(CheckpointKind.PREEMPT) or c["step"] == current
-        ):
-            keep.add((c["step"], c["kind"]))
-        if c["kind"] == str(CheckpointKind.FINAL):
-            keep.add((c["step"], c["kind"]))
-    return keep
+    # --- corrupt checkpoints --------------------------------------------------------
+    def _roll_back(
+        self, doc: dict[str, Any], task: Task, bad_step: int, exc: StoreError
+    ) -> Outcome:
+        """The checkpoint at `bad_step` does not load: flag it, and move the session back
+        to the newest intact checkpoint before it (step 0 if none), with an event."""
+        sid = doc["_id"]
+        for ckpt in self.store.list_checkpoints(sid):
+            if ckpt["step"] == bad_step and not ckpt.get("corrupt"):
+                self.store.mark_corrupt(ckpt, str(exc))
+        target, session, rng = self._intact_before(doc, bad_step)
+        step = 0 if target is None else int(target["step"])
+        what = "is missing" if isinstance(exc, CheckpointNotFound) else "is corrupt"
+        message = f"checkpoint at step {bad_step} {what} ({exc}); the session resumes from " + (
+            f"the intact checkpoint at step {step} ({target['kind']})"
+            if target is not None
+            else "step 0 (no intact checkpoint before it; config and seed rebuild step 0)"
+        )
+        new = self._commit_rollback(doc, task, bad_step, target, message)
+        if new is None:
+            self._warm = None
+            return Outcome(task, False, f"checkpoint at step {bad_step} {what}; not rolled "
+                           "back (the session moved on or ended meanwhile)")
+        self.store.delete_statistics(sid, after_step=step)
+        self._warm = _Warm(sid, new["config_hash"], step, session, rng)
+        log.warning("%s: %s", task, message)
+        nxt = train_task(new)
+        return Outcome(task, False, f"rolled back to step {step}: checkpoint at step "
+                       f"{bad_step} {what}", step=step, successors=[nxt] if nxt else [])
+
+    def _intact_before(
+        self, doc: dict[str, Any], bad_step: int
+    ) -> tuple[dict[str, Any] | None, Session, dict[str, Any]]:
+        """(checkpoint, session restored from it, its RNG state) of the newest intact
+        checkpoint before `bad_step`; (None, the session at step 0, ...) if none is."""
+        cands = [
+            c
+            for c in self.store.list_checkpoints(doc["_id"])
+            if c["step"] < bad_step and not c.get("corrupt")
+        ]
+        cands.sort(key=lambda c: (c["step"], c.get("created") or 0), reverse=True)
+        for ckpt in cands:
+            try:
+                state = self.store.load_state(ckpt)
+            except CheckpointCorrupt as exc:
+                self.store.mark_corrupt(ckpt, str(exc))
+                continue
+            session = _session_of(doc)
+            session.load_state_dict(state)
+            _check_torch_version(state, doc)
+            return ckpt, session, get_rng_state()
+        return None, _session_of(doc), get_rng_state()
+
+    def _commit_rollback(
+        self,
+        doc: dict[str, Any],
+        task: Task,
+        bad_step: int,
+        target: dict[str, Any] | None,
+        message: str,
+    ) -> dict[str, Any] | None:
+        """CAS the session back to `target`. A Train holds the lease and its fence; an
+        Eval runs beside the session's chunks, so it expects the step and token it read
+        and reads again if a chunk committed meanwhile."""
+        step = 0 if target is None else int(target["step"])
+        for _ in range(ROLLBACK_ATTEMPTS):
+            status = SessionStatus(doc["status"])
+            if int(doc["step"]) < bad_step or status in (
+                SessionStatus.FAILED,
+                SessionStatus.CANCELLED,
+            ):
+                return None  # rolled back by someone else, or ended: leave it
+            if task.kind == TRAIN:
+                expect = {"step": task.start, "token": task.token, "lease.worker": self.worker}
+            else:
+                expect = {"step": doc["step"], "token": doc["token"]}
+            keep_paused = status == SessionStatus.PAUSED
+            new = self.store.cas_session(doc["_id"], expect, {
+                "step": step,
+                "token": new_id(),
+                "lease": None,
+                "attempts": 0,
+                "checkpoint": None if target is None else {"step": step, "kind": target["kind"]},
+                "status": str(SessionStatus.PAUSED if keep_paused else SessionStatus.RUNNING),
+                "events": with_event(doc, event("rollback", message, self.store.now())),
+            })  # fmt: skip
+            if new is not None or task.kind == TRAIN:
+                return new
+            doc = self.store.get_session(doc["_id"])
+        return None
 
 
 def build_session(
@@ -411,6 +517,11 @@ def build_session(
         registry.allow_imports(config.get("imports") or [], code=code, from_disk=False)
         check_types(config)
         return Session.create(config)
+
+
+def _session_of(doc: dict[str, Any]) -> Session:
+    """A fresh Session of a stored session document (at step 0)."""
+    return build_session(doc["config"], doc.get("code"))
 
 
 def _check_torch_version(state: dict[str, Any], doc: dict[str, Any]) -> None:

@@ -19,7 +19,14 @@ from typing import Any
 
 from ptutils.config import apply_overrides, config_hash, load_config
 from ptutils.engine import Engine, ProgressFn, build_session
-from ptutils.errors import ConfigError, PtutilsError, SessionExists, SessionNotFound, TrainingError
+from ptutils.errors import (
+    CheckpointCorrupt,
+    ConfigError,
+    PtutilsError,
+    SessionExists,
+    SessionNotFound,
+    TrainingError,
+)
 from ptutils.plan import train_task
 from ptutils.rng import get_rng_state
 from ptutils.session import Session
@@ -179,7 +186,8 @@ def local_worker_id() -> str:
 
 
 def lease_is_dead(lease: Mapping[str, Any], now: float | None = None) -> bool:
-    """True if the lease expired, or its holder is a local process of this host that died."""
+    """True if the lease expired (at `now`, the store's clock: pass `store.now()`), or its
+    holder is a local process of this host that died."""
     if float(lease.get("expires", 0)) <= (time.time() if now is None else now):
         return True
     parts = str(lease.get("worker", "")).split(":")
@@ -215,7 +223,8 @@ def run_session(
             raise TrainingFailed(err.get("message", outcome.reason))
         if stop_flag is not None and stop_flag.is_set():
             break
-        if task.kind == "train" and not outcome.ran and not outcome.successors:
+        stale = outcome.reason.startswith("stale")  # e.g. queued before a rollback
+        if task.kind == "train" and not outcome.ran and not outcome.successors and not stale:
             doc_now = store.get_session(doc["_id"])
             if not SessionStatus(doc_now["status"]).finished:
                 raise PtutilsError(f"{task} did not run: {outcome.reason}")
@@ -255,7 +264,10 @@ def export_state_dict(
 
     doc = store.get_session(ref)
     ckpt = store.get_checkpoint(doc["_id"], step)
-    state = store.load_state(ckpt)
+    try:
+        state = store.load_state(ckpt)
+    except CheckpointCorrupt as exc:
+        raise CheckpointCorrupt(_corrupt_export(store, doc, ckpt, exc)) from None
     try:
         weights = state["trainer"]["model"]["network"]
     except (KeyError, TypeError) as exc:
@@ -264,3 +276,22 @@ def export_state_dict(
     torch.save({k: v.clone() for k, v in weights.items()}, tmp)
     os.replace(tmp, path)
     return ckpt
+
+
+def _corrupt_export(
+    store: Store, doc: dict[str, Any], bad: dict[str, Any], exc: CheckpointCorrupt
+) -> str:
+    """What export says of a corrupt checkpoint: which one, why, and the intact ones."""
+    intact = [
+        f"{c['step']} ({c['kind']})"
+        for c in store.list_checkpoints(doc["_id"])
+        if (c["step"], c["kind"]) != (bad["step"], bad["kind"])
+        and store.checkpoint_problem(c) is None
+    ]
+    where = f"the checkpoint of session {doc['name']!r} at step {bad['step']} ({bad['kind']})"
+    hint = (
+        f"Intact checkpoints: step {', '.join(intact)}; export one with --step N."
+        if intact
+        else "No checkpoint of this session is intact."
+    )
+    return f"{where} is corrupt: {exc}. {hint}"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ptutils.callbacks import Callbacks, NanDetector
+from ptutils.callbacks import DEFAULT_MODE, MODES, Callbacks, NanDetector
 from ptutils.config import check_keys
 from ptutils.data import DataProvider
 from ptutils.errors import ConfigError, DataError
@@ -40,7 +40,7 @@ class Retention:
     keep_last: int = 2
     keep_every: int = 0
     best_metric: str | None = None
-    best_mode: str = "max"
+    best_mode: str = DEFAULT_MODE
 
 
 @dataclass
@@ -96,6 +96,11 @@ class Plan:
         )
         need(isinstance(self.threads, int) and self.threads >= 1, "threads", "must be >= 1")
         need(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        if self.retention.best_mode not in MODES:
+            raise ConfigError(
+                f"session.retention.best_mode: must be 'min' or 'max' "
+                f"(got {self.retention.best_mode!r})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -80,17 +81,34 @@ class Statistic:
     time: float = field(default_factory=time.time)
 
 
-class History:
-    """The sequence of Statistics of a run; its state is part of the State.
+HISTORY_WINDOW = 1000
+"""Points a History keeps per (phase, name): the recent window, whatever the run's length.
+The full series live in the store's statistics (DESIGN §5), so a checkpoint stays small."""
 
-    Stored column-wise per (phase, name) so a long run stays compact.
+
+class History:
+    """The recent Statistics of a run; its state is part of the State.
+
+    Each (phase, name) series keeps its last `window` points (column-wise), so a State
+    stays the same size at step 100 and at step 1,000,000: the whole series is in the
+    store's statistics. A resumed run holds exactly the points an uninterrupted one
+    holds (the last `window` of the same series).
     """
 
-    def __init__(self) -> None:
-        self._series: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+    def __init__(self, window: int = HISTORY_WINDOW) -> None:
+        if int(window) < 1:
+            raise ValueError(f"History window must be >= 1, got {window!r}")
+        self.window = int(window)
+        self._series: dict[tuple[str, str], tuple[deque[int], deque[float]]] = {}
+
+    def _column(self, key: tuple[str, str]) -> tuple[deque[int], deque[float]]:
+        col = self._series.get(key)
+        if col is None:
+            col = self._series[key] = (deque(maxlen=self.window), deque(maxlen=self.window))
+        return col
 
     def add(self, name: str, value: float, step: int, phase: str = "train") -> None:
-        steps, values = self._series.setdefault((phase, name), ([], []))
+        steps, values = self._column((phase, name))
         steps.append(int(step))
         values.append(float(value))
 
@@ -99,11 +117,12 @@ class History:
             self.add(s.name, s.value, s.step, s.phase)
 
     def series(self, name: str, phase: str = "train") -> tuple[list[int], list[float]]:
-        steps, values = self._series.get((phase, name), ([], []))
+        """The recent (steps, values) of one series (the store has the whole of it)."""
+        steps, values = self._series.get((phase, name), ((), ()))
         return list(steps), list(values)
 
     def last(self, name: str, phase: str = "train", default: float = math.nan) -> float:
-        values = self._series.get((phase, name), ([], []))[1]
+        values = self._series.get((phase, name), ((), ()))[1]
         return values[-1] if values else default
 
     def names(self) -> list[tuple[str, str]]:
@@ -111,10 +130,10 @@ class History:
 
     def truncate(self, step: int) -> None:
         """Drop entries after `step` (a resumed run replays them)."""
-        for _key, (steps, values) in list(self._series.items()):
-            keep = sum(1 for s in steps if s <= step)
-            del steps[keep:]
-            del values[keep:]
+        for steps, values in self._series.values():
+            while steps and steps[-1] > step:
+                steps.pop()
+                values.pop()
 
     def __iter__(self) -> Iterator[Statistic]:
         for (phase, name), (steps, values) in sorted(self._series.items()):
@@ -131,7 +150,10 @@ class History:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore; a State written before the window existed keeps only its last points."""
         self._series = {}
         for key, col in state.items():
             phase, _, name = key.partition("/")
-            self._series[(phase, name)] = (list(col["steps"]), list(col["values"]))
+            steps, values = self._column((phase, name))
+            steps.extend(int(s) for s in col["steps"])
+            values.extend(float(v) for v in col["values"])

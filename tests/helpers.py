@@ -54,3 +54,26 @@ def assert_bit_identical(a, b, path="state"):
 
 def series(stats):
     return [(p["phase"], p["step"], p["name"], p["value"]) for p in stats]
+
+
+def corrupt_segment(store, digest: str) -> None:
+    """Flip one byte of a stored segment, as bit rot would: a file of the local store, or
+    the GridFS file of a MongoStore (rewritten under the same name and length)."""
+    from ptutils.store.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        path = store.segments_dir / digest[:2] / digest
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return
+    from gridfs import GridFSBucket
+
+    db, bucket = store.db, store.bucket_name
+    fs = GridFSBucket(db, bucket_name=bucket)
+    meta = db[f"{bucket}.files"].find_one({"filename": digest})
+    assert meta is not None, f"segment {digest} is not in GridFS bucket {bucket!r} of {db.name}"
+    data = bytearray(fs.open_download_stream(meta["_id"]).read())
+    data[len(data) // 2] ^= 0xFF
+    fs.delete(meta["_id"])  # same name, same length, one byte flipped
+    fs.upload_from_stream_with_id(meta["_id"], digest, bytes(data), metadata=meta.get("metadata"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ptutils.engine import Engine, retained_steps
+from ptutils.errors import ConfigError
 from ptutils.plan import train_task
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
 from ptutils.session import Plan
@@ -133,3 +134,112 @@ def test_loss_threshold_fails_the_session_with_hi_loss_error(store):
     with pytest.raises(TrainingError, match="HiLossError.*threshold 0.5"):
         run_session(store, doc)
     assert store.get_session(doc["_id"])["status"] == "failed"
+
+
+# --- storage stays bounded ----------------------------------------------------------------
+@pytest.fixture(params=["local", "mongo"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        with LocalStore(tmp_path / "runs") as s:
+            yield s
+    else:
+        yield request.getfixturevalue("mongo_store")
+
+
+def test_save_marks_and_keeps_the_best_checkpoint_of_the_callbacks_metric(any_store):
+    """BestCheckpoint names the metric (retention.best_metric unset): Save keeps that
+    checkpoint past keep_last and flags it `best`, and only it."""
+    from ptutils.runner import run_session
+
+    cfg = digits_config(imports=[], total_steps=100, retention={"keep_last": 1}, callbacks=[
+        {"type": "ptutils.callbacks.BestCheckpoint", "metric": "test/accuracy", "mode": "max"}])
+    doc = any_store.create_session(new_session_doc("best", cfg, "h", 100))
+    assert run_session(any_store, doc).status == "completed"
+    evals = any_store.query_statistics(doc["_id"], name="test/accuracy", phase="eval")
+    top = max(p["value"] for p in evals)
+    best_steps = {p["step"] for p in evals if p["value"] == top}
+    ckpts = any_store.list_checkpoints(doc["_id"])
+    flagged = [c for c in ckpts if c.get("best")]
+    assert len(flagged) == 1 and flagged[0]["step"] in best_steps
+    assert flagged[0]["metrics"]["test/accuracy"] == top
+    assert {c["step"] for c in ckpts} == {flagged[0]["step"], 100}
+
+
+def test_save_collects_garbage_on_its_own_at_most_once_per_period(any_store):
+    """A chunk whose session is cancelled while it runs leaves a checkpoint beyond the
+    session's step; a Save of any session sweeps it (once the grace is over), and only
+    as often as `gc_every` allows."""
+    from ptutils.store.base import new_id
+
+    store = any_store
+    doomed, other = _session(store), store.create_session(
+        new_session_doc("other", digits_config(imports=[], callbacks=[]), "h", 60))
+
+    def cancel_midway(sid, step, loss):
+        if step == 10:
+            store.cas_session(sid, {}, {"status": "cancelled", "token": new_id()})
+
+    out = Engine(store, progress=cancel_midway).train(train_task(doomed))
+    assert not out.ran and "fenced out" in out.reason
+    assert [c["step"] for c in store.list_checkpoints(doomed["_id"])] == [20]
+    save_other = Task(SAVE, other["_id"], other["token"], step=0)
+
+    assert Engine(store).save(save_other).ran  # runs GC, whose grace (an hour) spares it
+    assert [c["step"] for c in store.list_checkpoints(doomed["_id"])] == [20]
+    assert Engine(store, gc_every=0.0, gc_grace=0.0).save(save_other).ran
+    assert store.list_checkpoints(doomed["_id"]) == []
+
+    store.put_checkpoint(doomed["_id"], 40, "chunk", {"stray": 1})
+    assert Engine(store, gc_every=3600.0, gc_grace=0.0).save(save_other).ran
+    assert [c["step"] for c in store.list_checkpoints(doomed["_id"])] == [40], "throttled"
+
+
+def test_retention_keeps_young_checkpoints_beyond_the_step_and_never_corrupt_ones():
+    plan = Plan.from_config({"total_steps": 100, "chunk_steps": 10,
+                             "retention": {"keep_last": 2}})
+    doc = {"step": 30, "config": {"callbacks": [
+        {"type": "ptutils.callbacks.BestCheckpoint", "metric": "test/loss"}]}}
+    ckpts = [_ckpt(10, **{"test/loss": 0.2}), _ckpt(20, **{"test/loss": 0.5}),
+             {**_ckpt(30), "corrupt": {"reason": "rot"}}, {**_ckpt(40), "created": 995.0},
+             {**_ckpt(50), "created": 10.0}]
+    keep = retained_steps(doc, ckpts, plan, now=1000.0, grace=60.0)
+    # 10: the best (mode defaults to min); 20: last intact; 30 corrupt; 40 a chunk that
+    # may be about to commit; 50 fenced out long ago
+    assert keep == {(10, "chunk"), (20, "chunk"), (40, "chunk")}
+
+
+def test_one_default_mode_everywhere():
+    import inspect
+    from pathlib import Path
+
+    from ptutils.callbacks import DEFAULT_MODE, BestCheckpoint, EarlyStopping
+    from ptutils.session import Retention
+
+    assert Retention().best_mode == DEFAULT_MODE == "min"
+    for cls in (BestCheckpoint, EarlyStopping):
+        assert inspect.signature(cls.__init__).parameters["mode"].default == DEFAULT_MODE
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert f"| `retention.best_mode` | `{DEFAULT_MODE}` |" in docs
+    assert docs.count(f"`mode={DEFAULT_MODE}`") == 2
+    with pytest.raises(ConfigError, match="best_mode"):
+        Plan.from_config({"retention": {"best_mode": "maximum"}})
+
+
+def test_history_keeps_a_recent_window_and_resumes_exactly():
+    """A resumed History holds what an uninterrupted one holds: the last `window` points."""
+    from ptutils.state import History
+
+    whole = History(window=5)
+    for s in range(1, 13):
+        whole.add("loss", 1.0 / s, s)
+    first = History(window=5)
+    for s in range(1, 8):
+        first.add("loss", 1.0 / s, s)
+    resumed = History(window=5)
+    resumed.load_state_dict(first.state_dict())
+    for s in range(8, 13):
+        resumed.add("loss", 1.0 / s, s)
+    assert resumed.state_dict() == whole.state_dict()
+    assert whole.series("loss")[0] == [8, 9, 10, 11, 12] and whole.last("loss") == 1 / 12
+    whole.truncate(10)
+    assert whole.series("loss")[0] == [8, 9, 10]

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ptutils.errors import (
     SessionNotFound,
 )
 from ptutils.store.base import (
+    EVENTS_KEPT,
     CheckpointKind,
     SessionStatus,
     StatPoint,
@@ -35,6 +37,7 @@ from ptutils.store.base import (
     new_session_doc,
 )
 from ptutils.store.local import LocalStore
+from tests.helpers import assert_bit_identical, corrupt_segment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,30 +123,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def segment_hashes(state: Any) -> set[str]:
     return {s.hash for s in codec.encode(state).segments}
-
-
-def corrupt_segment(store: Store, digest: str) -> None:
-    """Flip one byte of a stored segment, as bit rot would."""
-    if isinstance(store, LocalStore):
-        path = store.segments_dir / digest[:2] / digest
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-        return
-    db = getattr(store, "db", None)
-    if db is None:
-        pytest.fail("MongoStore must expose `.db` (pymongo Database) for this test")
-    from gridfs import GridFSBucket
-
-    bucket = getattr(store, "bucket_name", "states")
-    fs = GridFSBucket(db, bucket_name=bucket)
-    meta = db[f"{bucket}.files"].find_one({"filename": digest})
-    if meta is None:
-        pytest.fail(f"segment {digest} is not in GridFS bucket {bucket!r} of {db.name}")
-    data = bytearray(fs.open_download_stream(meta["_id"]).read())
-    data[len(data) // 2] ^= 0xFF
-    fs.delete(meta["_id"])  # same name, same length, one byte flipped
-    fs.upload_from_stream_with_id(meta["_id"], digest, bytes(data), metadata=meta.get("metadata"))
 
 
 # --- sessions -----------------------------------------------------------------------------
@@ -561,3 +540,161 @@ def test_cas_and_leases_are_atomic_across_processes(store: Store) -> None:
     # A failed attempt means another process won in between, and one win can defeat at
     # most one pending attempt per other process: at least 400 / 4 wins.
     assert wins >= 100
+
+
+# --- corrupt checkpoints, events, housekeeping --------------------------------------------
+def test_mark_corrupt_flags_it_drops_the_rotten_segment_and_a_rewrite_heals(store: Store) -> None:
+    sid = make_session(store)["_id"]
+    old, new = big_state({"a": 1.0, "b": 2.0}), big_state({"a": 1.0, "b": 9.0})
+    store.put_checkpoint(sid, 10, "chunk", old)
+    ckpt = store.put_checkpoint(sid, 20, "chunk", new)
+    (bad,) = segment_hashes(new) - segment_hashes(old)
+    corrupt_segment(store, bad)
+    assert store.bad_segments(ckpt) == [bad]
+    assert store.checkpoint_problem(store.get_checkpoint(sid, 10)) is None
+    assert bad in str(store.checkpoint_problem(ckpt))
+
+    assert store.mark_corrupt(ckpt, "fails its checksum") == [bad]
+
+    flagged = {c["step"]: c.get("corrupt") for c in store.list_checkpoints(sid)}
+    assert flagged[10] is None
+    assert flagged[20]["reason"] == "fails its checksum" and flagged[20]["segments"] == [bad]
+    assert "marked corrupt" in str(store.checkpoint_problem(store.get_checkpoint(sid, 20)))
+    found = store.load_latest_state(sid)
+    assert found is not None and found[0]["step"] == 10
+    # The same State written again stores the dropped segment afresh, unflagged.
+    again = store.put_checkpoint(sid, 20, "chunk", new)
+    assert again["bytes_written"] == 65536 * 4
+    assert not store.get_checkpoint(sid, 20).get("corrupt")
+    assert_same(new, store.load_state(store.get_checkpoint(sid, 20)))
+    assert_same(old, store.load_state(store.get_checkpoint(sid, 10)))
+
+
+def test_add_event_appends_and_keeps_the_last_hundred(store: Store) -> None:
+    sid = make_session(store)["_id"]
+    assert store.get_session(sid)["events"] == []
+    for i in range(EVENTS_KEPT + 5):
+        store.add_event(sid, "note", f"event {i}")
+    events = store.get_session(sid)["events"]
+    assert len(events) == EVENTS_KEPT
+    assert [e["message"] for e in events[:2]] == ["event 5", "event 6"]
+    assert events[-1]["kind"] == "note" and events[-1]["message"] == f"event {EVENTS_KEPT + 4}"
+    assert abs(events[-1]["time"] - store.now()) < 60
+    assert store.add_event("0" * 32, "note", "nobody") is None
+
+
+def test_claim_periodic_lets_one_caller_in_per_period(store: Store) -> None:
+    assert store.claim_periodic("gc", 100.0, now=1000.0)
+    assert not store.claim_periodic("gc", 100.0, now=1000.0)
+    assert not store.claim_periodic("gc", 100.0, now=1099.0)
+    assert store.claim_periodic("other", 100.0, now=1050.0)
+    assert store.claim_periodic("gc", 100.0, now=1100.0)
+    assert not store.claim_periodic("gc", 100.0, now=1150.0)
+
+
+def test_gc_drops_checkpoints_beyond_the_step_after_the_grace_only(store: Store) -> None:
+    """A fenced-out chunk (running, then cancelled) left a checkpoint beyond its session's
+    committed step: young, it may be a chunk about to commit and stays; old, it goes,
+    with the segments only it used. Running GC again removes nothing more."""
+    from ptutils.retention import collect_garbage
+
+    doc = make_session(store)
+    sid = doc["_id"]
+    store.cas_session(sid, {}, {"step": 10, "status": "cancelled"})
+    committed = big_state({"shared": 1.0, "head": 2.0})
+    stray = big_state({"shared": 1.0, "head": 3.0})
+    store.put_checkpoint(sid, 10, "chunk", committed)
+    store.put_checkpoint(sid, 20, "chunk", stray)
+
+    assert collect_garbage(store).checkpoints == 0  # default grace: an hour
+    assert [c["step"] for c in store.list_checkpoints(sid)] == [10, 20]
+    assert collect_garbage(store, older_than=0.0).checkpoints == 1
+    assert [c["step"] for c in store.list_checkpoints(sid)] == [10]
+    assert collect_garbage(store, older_than=0.0).checkpoints == 0
+    assert_same(committed, store.load_state(store.get_checkpoint(sid, 10)))
+    again = store.put_checkpoint(sid, 30, "chunk", stray)
+    assert again["bytes_written"] == 65536 * 4  # "head" of the stray one was deleted
+
+
+def test_gc_beside_a_running_writer_never_breaks_a_checkpoint(store: Store) -> None:
+    """A writer commits checkpoints (each sharing one segment, each with its own) and
+    drops the old ones, while garbage collection runs in a loop with a 1 s grace."""
+    from ptutils.retention import collect_garbage
+
+    sid = make_session(store)["_id"]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for step in range(1, 16):
+                store.put_checkpoint(sid, step, "chunk", big_state({"shared": 1.0, "own": step}))
+                assert store.cas_session(sid, {"step": step - 1}, {"step": step}) is not None
+                if step > 2:
+                    store.delete_checkpoint(sid, step - 2, "chunk")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    runs = 0
+    while not done.is_set():
+        collect_garbage(store, older_than=1.0)
+        runs += 1
+    thread.join()
+    collect_garbage(store, older_than=1.0)
+    assert errors == [] and runs > 0
+    assert [c["step"] for c in store.list_checkpoints(sid)] == [14, 15]
+    for ckpt in store.list_checkpoints(sid):
+        assert store.checkpoint_problem(ckpt) is None
+        assert_same(big_state({"shared": 1.0, "own": ckpt["step"]}), store.load_state(ckpt))
+
+
+def stored_document_bytes(store: Store, sid: str, step: int) -> int:
+    """Size of the checkpoint document as the backend stores it (BSON / the SQLite row)."""
+    if isinstance(store, LocalStore):
+        import sqlite3
+
+        with sqlite3.connect(store.root / "ptutils.db") as conn:
+            (size,) = conn.execute(
+                "SELECT length(manifest) + length(checksum) + length(segments) + "
+                "length(metrics) + length(extra) + 64 FROM checkpoints "
+                "WHERE session = ? AND step = ?", (sid, step)).fetchone()  # fmt: skip
+        return int(size)
+    import bson
+
+    return len(bson.encode(store.db["checkpoints"].find_one({"session": sid, "step": step})))
+
+
+@pytest.fixture(scope="module")
+def million_step_state() -> Any:
+    """The State of the shared digits session after a synthetic 1M-step history: a loss
+    and a learning rate at every step, as `log_every: 1` records them."""
+    from ptutils.session import Session
+    from tests.helpers import digits_config
+
+    session = Session.create(digits_config(imports=[], callbacks=[]))
+    history = session.history
+    for step in range(1, 1_000_001):
+        history.add("loss", 1.0 / step, step)
+        history.add("lr", 0.003, step)
+    session.step = 1_000_000
+    return session.state_dict()
+
+
+def test_a_million_step_history_keeps_the_checkpoint_document_under_1mb(
+    store: Store, million_step_state: Any
+) -> None:
+    from ptutils.state import HISTORY_WINDOW
+
+    state = million_step_state
+    manifest = codec.encode(state).manifest  # the State's non-tensor part (and layout)
+    assert len(manifest) < 1 << 20
+    loss = state["history"]["train/loss"]
+    assert len(loss["steps"]) == HISTORY_WINDOW and loss["steps"][-1] == 1_000_000
+    sid = make_session(store)["_id"]
+    store.put_checkpoint(sid, 1_000_000, "chunk", state, metrics={"loss": 1e-6})
+    assert stored_document_bytes(store, sid, 1_000_000) < 1 << 20
+    assert_bit_identical(state, store.load_state(store.get_checkpoint(sid, 1_000_000)))

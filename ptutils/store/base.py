@@ -31,6 +31,17 @@ Checkpoints
     delete segments no other checkpoint references, delete the document. Deleting
     something already gone is success. A segment referenced by another checkpoint is
     never deleted.
+  * `mark_corrupt` flags a checkpoint that failed to load (`corrupt: {reason, time,
+    segments}`) and drops the data of its bad segments, so that writing the same State
+    again stores them afresh (and clears the flag) instead of reusing rotten bytes.
+
+Housekeeping
+  * `collect_garbage(older_than=s)` removes crash leftovers older than `s` seconds:
+    unreferenced segments, stale upload registrations or temp files, unfinished
+    deletions. Idempotent, and safe next to running writers (a put in progress is
+    never robbed of a segment it is about to reference).
+  * `claim_periodic(name, every)` is True for one caller per `every` seconds across
+    every process sharing the store: it throttles housekeeping that Save triggers.
 
 Statistics
   * Points are `(phase, step, name, value)` with a time. Writes are batched and
@@ -48,6 +59,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+GC_GRACE_S = 3600.0
+"""Garbage collection leaves segments, uploads and unreferenced files younger than this
+alone: a writer in progress may be about to reference them."""
+
+_EVENT_ATTEMPTS = 20
 
 
 class SessionStatus(StrEnum):
@@ -98,9 +115,14 @@ SESSION_FIELDS = (
     "tags",
     "sweep",
     "meta",
+    "events",
 )
 """Top-level fields of a session document. `lease` is {"worker", "expires"} or None;
-`checkpoint` is {"step", "kind"} of the latest complete checkpoint or None."""
+`checkpoint` is {"step", "kind"} of the latest complete checkpoint or None; `events` is
+the recent history of what happened to the session ({time, kind, message}, newest last)."""
+
+EVENTS_KEPT = 100
+"""A session document keeps its last this many events."""
 
 
 def new_id() -> str:
@@ -139,7 +161,18 @@ def new_session_doc(
         "tags": list(tags),
         "sweep": sweep,
         "meta": dict(meta or {}),
+        "events": [],
     }
+
+
+def event(kind: str, message: str, now: float) -> dict[str, Any]:
+    """One entry of a session's `events`."""
+    return {"time": float(now), "kind": str(kind), "message": str(message)}
+
+
+def with_event(doc: dict[str, Any], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The session's `events` with `entry` appended, bounded to the last EVENTS_KEPT."""
+    return [*(doc.get("events") or []), entry][-EVENTS_KEPT:]
 
 
 @dataclass(frozen=True)
@@ -227,6 +260,29 @@ class Store(abc.ABC):
         """Drop the lease held by `worker`; False if it did not hold it."""
         return self.cas_session(session_id, {"lease.worker": worker}, {"lease": None}) is not None
 
+    def add_event(self, session_id: str, kind: str, message: str) -> dict[str, Any] | None:
+        """Append an event to the session's `events` (compare-and-set on `updated`).
+
+        Returns the new document, or None if the session does not exist.
+        """
+        from ptutils.errors import SessionNotFound, StoreError
+
+        entry = event(kind, message, self.now())
+        for _ in range(_EVENT_ATTEMPTS):
+            try:
+                doc = self.get_session(session_id)
+            except SessionNotFound:
+                return None
+            new = self.cas_session(
+                session_id, {"updated": doc.get("updated")}, {"events": with_event(doc, entry)}
+            )
+            if new is not None:
+                return new
+        raise StoreError(
+            f"session {session_id} changed {_EVENT_ATTEMPTS} times while an event was added "
+            f"to it ({kind}: {message})"
+        )
+
     # --- checkpoints ----------------------------------------------------------------
     @abc.abstractmethod
     def put_checkpoint(
@@ -271,20 +327,67 @@ class Store(abc.ABC):
     def delete_checkpoint(self, session_id: str, step: int, kind: str) -> None:
         """Two-phase, idempotent delete; shared segments survive."""
 
+    @abc.abstractmethod
+    def bad_segments(self, checkpoint: dict[str, Any]) -> list[str]:
+        """Segments of the checkpoint that are missing or fail their checksum (each read)."""
+
+    @abc.abstractmethod
+    def drop_segments(self, digests: Iterable[str]) -> int:
+        """Delete the data of these segments whoever references them (they are rotten);
+        the number removed. A later put of the same content writes them afresh."""
+
+    def mark_corrupt(self, checkpoint: dict[str, Any], reason: str) -> list[str]:
+        """Flag a checkpoint that fails to load, drop its rotten segments; their hashes.
+
+        The flag (`corrupt: {reason, time, segments}`) keeps it from being loaded or
+        kept again; writing the same (session, step, kind) later replaces it unflagged.
+        """
+        from ptutils.errors import CheckpointNotFound
+
+        bad = self.bad_segments(checkpoint)
+        self.drop_segments(bad)
+        flag = {"reason": str(reason), "time": self.now(), "segments": bad}
+        try:
+            self.update_checkpoint(
+                checkpoint["session"], checkpoint["step"], checkpoint["kind"], {"corrupt": flag}
+            )
+        except CheckpointNotFound:
+            pass  # deleted meanwhile: nothing left to flag
+        return bad
+
+    def checkpoint_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why the checkpoint cannot be loaded (its flag, its manifest, its segments, each
+        read and hashed), or None if it is intact."""
+        from ptutils import codec
+
+        flag = checkpoint.get("corrupt")
+        if flag:
+            return f"marked corrupt: {flag.get('reason', '?')}"
+        full = checkpoint
+        if full.get("manifest") is None:
+            full = self.get_checkpoint(checkpoint["session"], checkpoint["step"],
+                                       checkpoint["kind"])  # fmt: skip
+        if full.get("checksum") not in (None, codec.checksum(bytes(full["manifest"]))):
+            return "its manifest fails its checksum"
+        bad = self.bad_segments(full)
+        if bad:
+            return f"segment(s) {', '.join(bad)} missing or failing their checksum"
+        return None
+
     def load_latest_state(
         self, session_id: str, *, max_step: int | None = None
     ) -> tuple[dict[str, Any], Any] | None:
         """(checkpoint, state) of the newest checkpoint that decodes, newest first.
 
-        A corrupt checkpoint is skipped (falls back to the previous complete one).
-        None if there is none.
+        A corrupt checkpoint (flagged, or failing to decode) is skipped: falls back to the
+        previous complete one. None if there is none.
         """
         from ptutils.errors import CheckpointCorrupt
 
         cands = [
             c
             for c in self.list_checkpoints(session_id)
-            if max_step is None or c["step"] <= max_step
+            if (max_step is None or c["step"] <= max_step) and not c.get("corrupt")
         ]
         cands.sort(key=lambda c: (c["step"], c.get("created", 0)), reverse=True)
         last_error: Exception | None = None
@@ -318,6 +421,16 @@ class Store(abc.ABC):
         step_max: int | None = None,
     ) -> list[dict[str, Any]]:
         """Points as dicts {session, phase, step, name, value, time}, by session, step, name."""
+
+    # --- housekeeping ---------------------------------------------------------------
+    @abc.abstractmethod
+    def collect_garbage(self, *, older_than: float = GC_GRACE_S) -> int:
+        """Remove crash leftovers older than `older_than` seconds; the number removed."""
+
+    @abc.abstractmethod
+    def claim_periodic(self, name: str, every: float, *, now: float | None = None) -> bool:
+        """True if chore `name` last ran (was claimed) `every` seconds ago or never:
+        it is then claimed for this caller. At most one caller per period wins."""
 
     # --- lifecycle ------------------------------------------------------------------
     def close(self) -> None:

@@ -357,6 +357,10 @@ class LocalStore(Store):
         key = (session_id, int(step), db.as_text(kind))
         with self._db.write() as conn:
             conn.execute(f"UPDATE checkpoints SET state = 'deleting' WHERE {db.CKPT_KEY}", key)
+        self._finish_deletion(key)
+
+    def _finish_deletion(self, key: tuple[str, int, str]) -> None:
+        """Second phase of a delete: a row still marked deleting goes, with its segments."""
         with self._db.write() as conn:
             row = conn.execute(f"SELECT state FROM checkpoints WHERE {db.CKPT_KEY}", key).fetchone()
             if row is None or row[0] != "deleting":
@@ -365,6 +369,26 @@ class LocalStore(Store):
             db.delete_refs(conn, *key)
             self._unlink_unreferenced(conn, hashes)
             conn.execute(f"DELETE FROM checkpoints WHERE {db.CKPT_KEY}", key)
+
+    def bad_segments(self, checkpoint: dict[str, Any]) -> list[str]:
+        """Segments of the checkpoint whose file is missing or fails its hash."""
+        from ptutils import codec
+
+        manifest = checkpoint.get("manifest")
+        if manifest is None:
+            manifest = self.get_checkpoint(
+                checkpoint["session"], checkpoint["step"], checkpoint["kind"]
+            )["manifest"]
+        try:
+            pairs = codec.segment_hashes(manifest)
+        except CodecError:
+            return []  # the manifest itself is bad: no segment to blame
+        return [h for h, n in pairs if not self._segments.intact(h, n)]
+
+    def drop_segments(self, digests: Iterable[str]) -> int:
+        """Unlink rotten segment files (under the write lock, as every unlink is)."""
+        with self._db.write():
+            return sum(self._segments.unlink(h) for h in dict.fromkeys(digests))
 
     def _unlink_unreferenced(self, conn: sqlite3.Connection, hashes: Iterable[str]) -> int:
         """Delete segment files no checkpoint row references (caller holds the write lock)."""
@@ -377,12 +401,28 @@ class LocalStore(Store):
         notices at commit time and writes it again. Returns the number of files removed.
         """
         cutoff = time.time() - older_than
+        with self._db.read() as conn:
+            stuck = conn.execute(
+                "SELECT session, step, kind FROM checkpoints WHERE state = 'deleting'"
+            ).fetchall()
+        for key in stuck:  # a deleter died between its two phases
+            self._finish_deletion(tuple(key))
         removed = self._segments.remove_stale_temps(cutoff)
         candidates = self._segments.older_than(cutoff)
         for i in range(0, len(candidates), _GC_BATCH):
             with self._db.write() as conn:
                 removed += self._unlink_unreferenced(conn, candidates[i : i + _GC_BATCH])
         return removed
+
+    def claim_periodic(self, name: str, every: float, *, now: float | None = None) -> bool:
+        """Claim chore `name` if it was last claimed `every` seconds ago, or never."""
+        now = self.now() if now is None else now
+        with self._db.write() as conn:
+            row = conn.execute("SELECT last FROM chores WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] > now - every:
+                return False
+            conn.execute("INSERT OR REPLACE INTO chores (name, last) VALUES (?, ?)", (name, now))
+        return True
 
     # --- statistics --------------------------------------------------------------------
     def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:

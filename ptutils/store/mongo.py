@@ -14,7 +14,9 @@ outcome is unknown checks whether it applied.
 
 from __future__ import annotations
 
+import datetime as _dt
 import io
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import pymongo
 from bson import Binary
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ptutils import codec
 from ptutils.errors import (
@@ -34,7 +36,7 @@ from ptutils.errors import (
     SessionNotFound,
     StoreError,
 )
-from ptutils.store.base import StatPoint, Store, new_id
+from ptutils.store.base import GC_GRACE_S, StatPoint, Store, new_id
 from ptutils.store.mongo_fields import (
     decode_metrics,
     doc_key,
@@ -44,14 +46,17 @@ from ptutils.store.mongo_fields import (
     match,
     plain,
 )
-from ptutils.store.mongo_retry import Retry, is_transient, redact_url
-from ptutils.store.mongo_segments import GC_GRACE_S, SegmentStore
+from ptutils.store.mongo_retry import Retry, is_duplicate, is_transient, log, redact_url
+from ptutils.store.mongo_segments import SegmentStore
 from ptutils.store.mongo_stats import StatisticBuckets
 
 __all__ = ["DEFAULT_DB", "GC_GRACE_S", "MongoStore", "is_transient", "redact_url"]
 
 DEFAULT_DB = "ptutils"
 """Database used when the URL names none."""
+
+CLOCK_REFRESH_S = 60.0
+"""How often `now()` asks the server for its time again (it keeps the offset between)."""
 
 _COMMIT_ATTEMPTS = 4
 _CKPT_RESERVED = frozenset(
@@ -77,7 +82,13 @@ class MongoStore(Store):
         db: str | None = None,
         bucket: str = "states",
         retry_seconds: float = 30.0,
+        clock_skew: float = 0.0,
     ) -> None:
+        """`clock_skew` (seconds) offsets this client's own clock: a test hook that plays
+        a machine whose clock is wrong; `now()` still tells the server's time."""
+        self._skew = float(clock_skew)
+        self._offset: float | None = None
+        self._offset_at = -math.inf
         self._retry = Retry(url, retry_seconds)
         self.url, self.retry_seconds = self._retry.url, self._retry.seconds
         try:
@@ -92,7 +103,7 @@ class MongoStore(Store):
         self.bucket_name = bucket
         self._sessions = self.db["sessions"]
         self._ckpts = self.db["checkpoints"]
-        self._segments = SegmentStore(self.db, bucket, self._ckpts, self._retry)
+        self._segments = SegmentStore(self.db, bucket, self._ckpts, self._retry, self.now)
         self._stats = StatisticBuckets(self.db["statistics"], self._retry)
         try:
             self._retry("creating indexes", lambda _: self._create_indexes())
@@ -127,6 +138,46 @@ class MongoStore(Store):
 
     def close(self) -> None:
         self.client.close()
+
+    # --- clock -----------------------------------------------------------------------
+    def now(self) -> float:
+        """The server's clock: this client's clock plus the offset measured with `hello`
+        (`localTime`), measured again every CLOCK_REFRESH_S. No round trip otherwise."""
+        mono = time.monotonic()
+        if self._offset is None or mono - self._offset_at > CLOCK_REFRESH_S:
+            self._refresh_offset(mono)
+        return self._local_time() + (self._offset or 0.0)
+
+    def _local_time(self) -> float:
+        return time.time() + self._skew
+
+    def _refresh_offset(self, mono: float) -> None:
+        """Measure the offset; on a failure keep the last one (if any) and try later."""
+        if self._offset is None:
+            self._offset = self._retry("reading the server's clock", lambda _: self._measure())
+        else:
+            try:
+                self._offset = self._measure()
+            except PyMongoError as exc:
+                log.warning("reading the server's clock failed (%s); keeping the last offset",
+                            self._retry.scrub(str(exc)))
+        self._offset_at = mono
+
+    def _measure(self) -> float:
+        """Server time minus local time, at the midpoint of one `hello` round trip."""
+        before = self._local_time()
+        try:
+            reply = self.db.command("hello")
+        except OperationFailure:  # servers before MongoDB 4.4.2 know only isMaster
+            reply = self.db.command("isMaster")
+        after = self._local_time()
+        server = reply.get("localTime")
+        if not isinstance(server, _dt.datetime):
+            log.warning("MongoDB at %s reports no localTime; leases use this machine's clock",
+                        self.url)
+            return 0.0
+        stamp = server if server.tzinfo else server.replace(tzinfo=_dt.UTC)
+        return stamp.timestamp() - (before + after) / 2
 
     # --- sessions --------------------------------------------------------------------
     def create_session(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +246,7 @@ class MongoStore(Store):
         """
         if "_id" in update:
             raise StoreError("cas_session cannot change a session's `_id`")
-        changes = {**plain(update), "updated": time.time()}
+        changes = {**plain(update), "updated": self.now()}
         query = {"_id": session_id, **match(plain(expect))}
 
         def attempt(retried: bool) -> dict[str, Any] | None:
@@ -271,7 +322,7 @@ class MongoStore(Store):
                 "size": encoded.nbytes,
                 "bytes_written": written,
                 "metrics": encode_metrics(metrics or {}),
-                "created": time.time(),
+                "created": self.now(),
                 "state": "complete",
             }
             old = self._retry(f"writing {where}", lambda _: self._commit(doc))
@@ -307,7 +358,7 @@ class MongoStore(Store):
                 self._ckpts.delete_one({**key, "checksum": old.get("checksum")})
                 continue
             rest = {k: v for k, v in doc.items() if k not in ("_id", "manifest")}
-            self._ckpts.update_one(key, {"$set": rest})
+            self._ckpts.update_one(key, {"$set": rest, "$unset": {"corrupt": ""}})
             return old
         raise StoreError(
             f"MongoDB at {self.url}: checkpoint {doc['_id']} kept changing while it was "
@@ -415,7 +466,7 @@ class MongoStore(Store):
             f"marking checkpoint {key} deleting",
             lambda _: self._ckpts.find_one_and_update(
                 {"_id": key},
-                {"$set": {"state": "deleting", "deleting_since": time.time()}},
+                {"$set": {"state": "deleting", "deleting_since": self.now()}},
                 projection={"segments": 1},
                 return_document=ReturnDocument.AFTER,
             ),
@@ -437,7 +488,7 @@ class MongoStore(Store):
         and every deletion goes through the tombstone protocol, so a put in progress is
         never robbed of a segment it is about to reference.
         """
-        cutoff = time.time() - older_than
+        cutoff = self.now() - older_than
         stuck = self._retry(
             "listing stuck deletions",
             lambda _: list(self._ckpts.find(
@@ -448,7 +499,52 @@ class MongoStore(Store):
         self._segments.drop_stale_uploads(cutoff)
         return removed + self._segments.delete_unreferenced(self._segments.unreferenced(cutoff))
 
-    collect_garbage = gc_segments  # the name LocalStore uses
+    def collect_garbage(self, *, older_than: float = GC_GRACE_S) -> int:
+        """The Store name of `gc_segments`."""
+        return self.gc_segments(older_than=older_than)
+
+    def bad_segments(self, checkpoint: dict[str, Any]) -> list[str]:
+        """Segments of the checkpoint missing from GridFS or failing their hash."""
+        manifest = checkpoint.get("manifest")
+        if manifest is None:
+            manifest = self.get_checkpoint(
+                checkpoint["session"], checkpoint["step"], checkpoint["kind"]
+            )["manifest"]
+        try:
+            pairs = codec.segment_hashes(bytes(manifest))
+        except CodecError:
+            return []  # the manifest itself is bad: no segment to blame
+        return [h for h, n in pairs if not self._segments.intact(h, n)]
+
+    def drop_segments(self, digests: Iterable[str]) -> int:
+        """Delete rotten segments even if checkpoints list them (through the tombstone
+        protocol, so a writer of the same segment waits and then uploads it afresh)."""
+        return self._segments.drop_rotten(digests)
+
+    def claim_periodic(self, name: str, every: float, *, now: float | None = None) -> bool:
+        """Claim chore `name` (collection `chores`) if it was last claimed `every` s ago."""
+        now = self.now() if now is None else now
+        chores = self.db["chores"]
+
+        def claim(retried: bool) -> bool:
+            if retried:  # an earlier attempt may have applied: it counts as ours
+                doc = chores.find_one({"_id": name})
+                if doc is not None and doc.get("last") == now:
+                    return True
+            done = chores.find_one_and_update(
+                {"_id": name, "last": {"$lte": now - every}}, {"$set": {"last": now}}
+            )
+            if done is not None:
+                return True
+            try:
+                chores.insert_one({"_id": name, "last": now})
+            except PyMongoError as exc:
+                if is_duplicate(exc):
+                    return False  # another process claimed it first
+                raise
+            return True
+
+        return self._retry(f"claiming chore {name!r}", claim)
 
     # --- statistics ------------------------------------------------------------------
     def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:

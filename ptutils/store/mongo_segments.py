@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from bson import Int64
@@ -39,9 +39,6 @@ segment produces identical chunks."""
 
 CHUNK_BATCH = 16
 """GridFS chunks per insert or read (4 MiB): what a save or load holds beyond the State."""
-
-GC_GRACE_S = 3600.0
-"""Garbage collection leaves segments and registrations younger than this alone."""
 
 UPLOAD_WAIT_S = 10.0
 """How long a writer waits for another live writer to finish the same segment before
@@ -63,11 +60,17 @@ class SegmentStore:
     """
 
     def __init__(
-        self, db: Database[Doc], bucket: str, checkpoints: Collection[Doc], retry: Retry
+        self,
+        db: Database[Doc],
+        bucket: str,
+        checkpoints: Collection[Doc],
+        retry: Retry,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.bucket = bucket
         self._ckpts = checkpoints
         self._retry = retry
+        self._now = clock  # the store's clock: every age is judged by it
         # Underscores, not dots: nx-27017 only accepts dotted names for GridFS collections.
         self._uploads = db[f"{bucket}_uploads"]
         self._deletions = db[f"{bucket}_deletions"]
@@ -83,7 +86,7 @@ class SegmentStore:
     # --- uploads ---------------------------------------------------------------------
     def register(self, put_id: str, session_id: str, hashes: list[str]) -> None:
         """List the segments a put will reference, before it looks at any of them."""
-        doc = {"_id": put_id, "session": session_id, "segments": hashes, "created": time.time()}
+        doc = {"_id": put_id, "session": session_id, "segments": hashes, "created": self._now()}
 
         def insert(retried: bool) -> None:
             try:
@@ -178,7 +181,7 @@ class SegmentStore:
             self._files.insert_one({
                 "_id": seg.hash, "filename": seg.hash, "length": Int64(seg.nbytes),
                 "chunkSize": CHUNK_SIZE, "uploadDate": _dt.datetime.now(_dt.UTC),
-                "metadata": {"created": time.time()},
+                "metadata": {"created": self._now()},
             })  # fmt: skip
         except PyMongoError as exc:
             if is_duplicate(exc):
@@ -188,8 +191,11 @@ class SegmentStore:
 
     def _verify(self, seg: codec.Segment) -> bool:
         """Read the stored segment back: right length and checksum."""
-        meta = self._files.find_one({"_id": seg.hash})
-        if meta is None or meta.get("length") != seg.nbytes:
+        return self._intact(seg.hash, seg.nbytes)
+
+    def _intact(self, digest: str, nbytes: int) -> bool:
+        meta = self._files.find_one({"_id": digest})
+        if meta is None or meta.get("length") != nbytes:
             return False
         hasher = codec.Hasher()
         try:
@@ -197,7 +203,7 @@ class SegmentStore:
                 hasher.update(chunk)
         except CorruptGridFile:
             return False
-        return hasher.hexdigest() == seg.hash
+        return hasher.hexdigest() == digest
 
     def _other_writer_finishes(self, seg: codec.Segment, put_id: str) -> bool:
         """Wait while another registered put may be uploading `seg`; True if it completed."""
@@ -261,19 +267,37 @@ class SegmentStore:
             for digest in dict.fromkeys(digests)
         )
 
-    def _delete(self, digest: str) -> bool:
-        """Tombstone, check references, delete data, lift the tombstone. True if deleted."""
+    def _delete(self, digest: str, *, referenced_too: bool = False) -> bool:
+        """Tombstone, check references, delete data, lift the tombstone. True if deleted.
+
+        `referenced_too` deletes a rotten segment that checkpoints still list: a writer
+        waits for the tombstone and then uploads it afresh.
+        """
         token = new_id()
         try:
-            self._deletions.insert_one({"_id": digest, "token": token, "at": time.time()})
+            self._deletions.insert_one({"_id": digest, "token": token, "at": self._now()})
         except DuplicateKeyError:
             stone = self._deletions.find_one({"_id": digest})
             if stone is None or stone.get("token") != token:
                 return False  # another deleter holds it (or just finished)
         try:
-            return not self._referenced(digest) and self._drop_data(digest)
+            return (referenced_too or not self._referenced(digest)) and self._drop_data(digest)
         finally:
             self._deletions.delete_one({"_id": digest, "token": token})
+
+    def drop_rotten(self, digests: Iterable[str]) -> int:
+        """Delete segments that fail their checksum, referenced or not; how many."""
+        return sum(
+            self._retry(
+                f"dropping rotten segment {digest}",
+                lambda _, d=digest: self._delete(d, referenced_too=True),
+            )
+            for digest in dict.fromkeys(digests)
+        )
+
+    def intact(self, digest: str, nbytes: int) -> bool:
+        """Whether the stored segment is there, of `nbytes` bytes, and hashes to `digest`."""
+        return self._retry(f"verifying segment {digest}", lambda _: self._intact(digest, nbytes))
 
     def _referenced(self, digest: str) -> bool:
         """Does a live checkpoint, or a put in flight, use this segment?"""
@@ -298,7 +322,7 @@ class SegmentStore:
     def _wait_for_deletion(self, digest: str) -> None:
         """Wait until no deleter holds `digest`; clear a tombstone a crashed deleter left."""
         while (stone := self._deletions.find_one({"_id": digest})) is not None:
-            if time.time() - float(stone.get("at", 0)) > TOMBSTONE_STALE_S:
+            if self._now() - float(stone.get("at", 0)) > TOMBSTONE_STALE_S:
                 self._deletions.delete_one({"_id": digest, "token": stone.get("token")})
             else:
                 time.sleep(0.05)

@@ -80,6 +80,13 @@ class SegmentFiles:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def intact(self, digest: str, nbytes: int) -> bool:
+        """Whether the segment's file is there with its length and hash (read in full)."""
+        try:
+            return _file_digest(self.path(digest)) == (digest, nbytes)
+        except (CheckpointCorrupt, FileNotFoundError):
+            return False
+
     def unlink(self, digest: str) -> bool:
         """Remove the segment's file; False if it was already gone."""
         try:

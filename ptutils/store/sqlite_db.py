@@ -53,6 +53,8 @@ _SCHEMA = (
         value REAL, special TEXT, time REAL NOT NULL,
         PRIMARY KEY (session, phase, step, name)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS statistics_name ON statistics(session, name, step)",
+    """CREATE TABLE IF NOT EXISTS chores (
+        name TEXT PRIMARY KEY, last REAL NOT NULL) WITHOUT ROWID""",
 )
 
 CKPT_COLUMNS = "session, step, kind, manifest, checksum, segments, size, metrics, extra, created"
