@@ -13,6 +13,7 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"ptutils-hypothesis-{os.getuid()}"),
 )
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # Property tests run the same examples on a fresh clone and on a warm checkout: no
@@ -23,3 +24,16 @@ settings.register_profile("ptutils", database=None, derandomize=True)
 settings.load_profile("ptutils")
 
 from tests.servers import *  # noqa: E402,F401,F403  (fixtures: redis_url, mongo_uri, mongo_store, ...)
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_modes():
+    """A session switches torch's global modes (deterministic algorithms, threads) in
+    the process that runs it; put them back, so no test sees another test's modes."""
+    import torch
+
+    modes = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+    yield
+    torch.use_deterministic_algorithms(modes[0], warn_only=modes[1])
+    torch.set_num_threads(modes[2])

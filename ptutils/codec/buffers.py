@@ -144,10 +144,23 @@ def _resolve_neg(t: torch.Tensor, path: str) -> torch.Tensor:
         ) from None
 
 
+_BITS_TWIN: dict[int, torch.dtype] = {
+    1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64,
+}
+"""An integer dtype per element size: copies move bits through it, not through the
+dtype's own kernels (float4/float8 lack some, e.g. deterministic mode's empty fill)."""
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its elements lie in C order one after another, else a C-order copy
-    (transposed, sliced with steps, expanded, channels_last, overlapping)."""
-    return t if t.is_contiguous() else t.contiguous()
+    (transposed, sliced with steps, expanded, channels_last, overlapping). The copy is
+    of the bits, whatever the dtype and torch's global modes (deterministic algorithms)."""
+    if t.is_contiguous():
+        return t
+    if t.element_size() == 16:  # complex128: as pairs of float64
+        return torch.view_as_complex(_dense(torch.view_as_real(t)))
+    twin = _BITS_TWIN[t.element_size()]
+    return t.view(twin).contiguous().view(t.dtype)
 
 
 def _ndarray_bytes(a: np.ndarray, path: str) -> tuple[ArraySpec, memoryview]:
@@ -182,8 +195,9 @@ def spec_from(kind: Any, dtype: Any, shape: Any) -> ArraySpec:
 def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     """A fresh tensor/array for `spec` and a writable flat view of its bytes."""
     if spec.kind == TORCH:
-        t = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
-        return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        dtype = TORCH_DTYPES[spec.dtype]
+        raw = torch.empty(math.prod(spec.shape) * dtype.itemsize, dtype=torch.uint8)
+        return raw.view(dtype).reshape(spec.shape), memoryview(raw.numpy())
     a = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
     return a, memoryview(a.reshape(-1).view(np.uint8))
 
