@@ -574,6 +574,27 @@ def test_rabbitmq_broker_runs_a_session_end_to_end(tmp_path, store_uri, workers,
             conn.default_channel.queue_delete(legacy)
 
 
+def test_rabbitmq_chunks_longer_than_the_consumer_timeout_run_once(
+        tmp_path, rabbit_server, store_uri, workers, reference):
+    # This RabbitMQ cancels a consumer whose delivery stays unacknowledged for 2 s; every
+    # chunk takes 3 s, and the second session's tasks wait for the only worker meanwhile.
+    url = rabbit_server.url
+    a = workers("a", url, store_uri, step_seconds=0.15).wait_ready()
+    with MongoStore(store_uri) as store:
+        ids = submit_configs(store, url, tmp_path, 1, 2)
+        wait_done(store, ids, 90, (a,))
+        for seed, sid in zip(SEEDS, ids):
+            assert_matches_reference(store, sid, reference, seed)
+    log = a.log
+    assert "PRECONDITION_FAILED" not in log, "the broker cancelled the consumer"
+    assert "Connection to broker lost" not in log
+    for sid in ids:
+        for start, stop in ((0, 20), (20, 40), (40, 60)):
+            assert log.count(f"Train[{start},{stop}) of {sid[:8]}: done") == 1
+    assert "lease held by another worker" not in log and "stale" not in log, "a redelivery"
+    assert "reconcile:" not in log, "nothing was lost, nothing requeued"
+
+
 def _purge(app: Any, queues: tuple[str, ...]) -> None:
     with app.connection_for_write() as conn:
         for q in queues:
