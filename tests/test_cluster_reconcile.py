@@ -196,3 +196,22 @@ def test_an_eval_claim_is_held_while_the_eval_runs_and_renewed(mongo_store, app)
     assert claim() is None
     (requeue,) = rec.run()
     assert requeue.tasks == [Task(EVAL, doc["_id"], doc["token"], step=20)]
+
+
+def test_a_loop_follows_the_sessions_it_saw_finish_between_full_passes(mongo_store, app):
+    now = time.time()
+    doc = session(mongo_store, "s", step=40, lease={"worker": "w@h:1", "expires": now + 60})
+    mongo_store.write_statistics(doc["_id"], [StatPoint("eval", 20, "acc", 0.5),
+                                              StatPoint("eval", 40, "acc", 0.6)])
+    rec = reconciler(mongo_store, app, completed_within=3600)
+    assert rec.run(now=now, completed=True) == []  # sees it running
+    # Train[40, 60) commits; the message of its final Eval(60) is lost
+    mongo_store.put_checkpoint(doc["_id"], 60, "final", {"w": torch.zeros(2)})
+    mongo_store.cas_session(doc["_id"], {"token": doc["token"]},
+                            {"step": 60, "status": "completed", "lease": None})
+    # a light pass (completed sessions not listed) still finds it, from what it saw
+    (requeue,) = rec.run(now=now + 60, completed=False)
+    assert requeue.name == "s" and [t.step for t in requeue.tasks] == [60]
+    assert [(m["session"], m["step"]) for m in messages(app, "eval")] == [(doc["_id"], 60)]
+    # a fresh reconciler saw nothing: only a full pass finds the session
+    assert reconciler(mongo_store, app).run(now=now + 120, completed=False) == []

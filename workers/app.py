@@ -132,7 +132,9 @@ def settings(broker_url: str) -> dict[str, Any]:
 
 def make_app(broker_url: str | None = None) -> Celery:
     """A Celery app with ptutils' settings; tasks are sent by name (protocol.TASK_NAMES)."""
-    url = resolve_broker_url(broker_url)
+    # `celery -b URL` sets $CELERY_BROKER_URL, which Celery prefers to any setting: derive
+    # the settings (acknowledgement, transport options) from the broker it will use.
+    url = os.environ.get("CELERY_BROKER_URL") or resolve_broker_url(broker_url)
     app = Celery("ptutils", include=["workers.tasks"], set_as_current=False)
     app.conf.update(settings(url))
     if not acks_late(url):
