@@ -1,11 +1,11 @@
 """Sending tasks: the queue and priority of a session's messages, and a reachable broker.
 
-Every sender (submit, the task bodies enqueueing successors, reconcile) goes through
-`send` (reconcile through `reconciler`, which wires ptutils' Reconciler to it), so a session's messages all take the same route: Train to the session's train
-queue (`meta.queue`, default `train`), Eval and Save to their own queues, all with the
-session's priority (`meta.priority`). Priorities mean the same on every broker: 0..9,
-higher runs sooner (Redis orders its priority lists the other way round, so the value
-is mirrored for it).
+Every sender (submit, the task bodies enqueueing successors, reconcile through
+`reconciler`) goes through `send`, so a session's messages all take the same route:
+Train to the session's train queue (`meta.queue`, default `train`), Eval and Save to
+their own queues, all with the session's priority (`meta.priority`). Priorities mean
+the same on every broker: 0..9, higher runs sooner (Redis orders its priority lists the
+other way round, so the value is mirrored for it).
 """
 
 from __future__ import annotations
