@@ -95,7 +95,7 @@ def _csv(value: str) -> list[str]:
                    "(0: off, when `ptutils reconcile` or celery beat runs elsewhere).")
 @click.option("--stall-after", default=None, type=click.FloatRange(0), metavar="SECONDS",
               help="Reconcile: requeue a session with no lease and no progress for this long "
-                   "(default 60).")
+                   "(default 15).")
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--events", "-E", is_flag=True, help="Send task events (for Flower).")
@@ -277,10 +277,10 @@ def cancel(sessions: tuple[str, ...], store_url: str | None) -> None:
               help="Run forever, a pass every SECONDS (default: one pass).")
 @click.option("--stall-after", default=None, type=click.FloatRange(0), metavar="SECONDS",
               help="Requeue a session with no lease and no progress for this long "
-                   "(default 60).")
+                   "(default 15).")
 @click.option("--eval-stall-after", default=None, type=click.FloatRange(0), metavar="SECONDS",
-              help="Requeue an Eval with no result this long after its checkpoint "
-                   "(default 600).")
+              help="Requeue an Eval that has no result and that nobody runs this long "
+                   "after its checkpoint (default 15).")
 @store_option
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print each pass's requeues as JSON.")
@@ -291,7 +291,8 @@ def reconcile(every: float | None, stall_after: float | None, eval_stall_after: 
 
     Finds sessions whose lease expired, or that are queued/running with no live lease and
     no progress for --stall-after seconds while their queue is empty (a broker restarted
-    empty), and requeues them from their latest checkpoint; also a missing Eval. Safe to
+    empty), and requeues them from their latest checkpoint; also an Eval that nobody
+    runs (no result, no claim, an empty eval queue). Safe to
     run several at once. `ptutils worker` runs it too (see --reconcile-every), and so can
     `celery -A workers.app beat`.
     """

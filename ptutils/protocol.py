@@ -19,6 +19,14 @@ QUEUES = {TRAIN: "train", EVAL: "eval", SAVE: "save"}
 """Default queue of each kind (a session may route train tasks to its own queue)."""
 
 
+def queue_of(doc: dict[str, Any], kind: str) -> str:
+    """The queue of a session's `kind` tasks: Train goes to the session's own train queue
+    (`meta.queue`, chosen at submit), Eval and Save to their default queues."""
+    if kind == TRAIN:
+        return str((doc.get("meta") or {}).get("queue") or QUEUES[TRAIN])
+    return QUEUES[kind]
+
+
 @dataclass(frozen=True)
 class Task:
     """One unit of work of a session. `start`/`stop` for train, `step` for eval/save."""

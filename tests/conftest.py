@@ -26,14 +26,28 @@ settings.load_profile("ptutils")
 from tests.servers import *  # noqa: E402,F401,F403  (fixtures: redis_url, mongo_uri, mongo_store, ...)
 
 
+def _torch_modes() -> tuple[bool, bool, int]:
+    import torch
+
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+
+
+def _set_torch_modes(modes: tuple[bool, bool, int]) -> None:
+    import torch
+
+    torch.use_deterministic_algorithms(modes[0], warn_only=modes[1])
+    torch.set_num_threads(modes[2])
+
+
+_TORCH_DEFAULTS = _torch_modes()  # at import: before any fixture has run a session
+
+
 @pytest.fixture(autouse=True)
 def _torch_global_modes():
     """A session switches torch's global modes (deterministic algorithms, threads) in
-    the process that runs it; put them back, so no test sees another test's modes."""
-    import torch
-
-    modes = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+    the process that runs it, and so can a module fixture that runs one: every test
+    starts from the process's defaults and leaves them behind."""
+    _set_torch_modes(_TORCH_DEFAULTS)
     yield
-    torch.use_deterministic_algorithms(modes[0], warn_only=modes[1])
-    torch.set_num_threads(modes[2])
+    _set_torch_modes(_TORCH_DEFAULTS)

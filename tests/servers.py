@@ -29,6 +29,7 @@ import pytest
 
 __all__ = [
     "MongoProcess",
+    "RabbitProcess",
     "RedisProcess",
     "ServerProcess",
     "free_port",
@@ -36,6 +37,7 @@ __all__ = [
     "mongo_server",
     "mongo_store",
     "mongo_uri",
+    "rabbit_server",
     "redis_process",
     "redis_server",
     "redis_url",
@@ -250,6 +252,66 @@ class RedisProcess(ServerProcess):
             client.close()
 
 
+class RabbitProcess(ServerProcess):
+    """A private `rabbitmq-server` node (no plugins) whose delivery acknowledgement
+    timeout is `consumer_timeout_ms`, checked every `tick_ms`: a short one, without
+    touching any other RabbitMQ on the machine. Takes 10-20 s to start."""
+
+    name = "rabbitmq-server"
+
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 consumer_timeout_ms: int = 2000, tick_ms: int = 200) -> None:
+        super().__init__(workdir, port)
+        self.dist_port = free_port()
+        self.consumer_timeout_ms = consumer_timeout_ms
+        self.tick_ms = tick_ms
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def argv(self) -> list[str]:
+        binary = rabbitmq_server_path()
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        (self.workdir / "advanced.config").write_text(
+            f"[{{rabbit, [{{consumer_timeout, {self.consumer_timeout_ms}}}, "
+            f"{{channel_tick_interval, {self.tick_ms}}}]}}].\n")
+        env = {
+            "HOME": str(self.workdir),
+            "RABBITMQ_NODENAME": f"ptutils-test-{self.port}@localhost",
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.workdir / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        return ["env", *(f"{k}={v}" for k, v in env.items()), binary]
+
+    def ready(self) -> bool:
+        from kombu import Connection
+
+        try:
+            with Connection(self.url, connect_timeout=0.5) as conn:
+                conn.ensure_connection(max_retries=1, timeout=0.5)
+            return True
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+
+
+def rabbitmq_server_path() -> str:
+    """The `rabbitmq-server` start script (the Debian wrapper in /usr/sbin switches user)."""
+    for path in ("/usr/lib/rabbitmq/bin/rabbitmq-server", shutil.which("rabbitmq-server")):
+        if path and os.path.exists(path):
+            return path
+    pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+    raise AssertionError("unreachable")
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     """Last resort when pytest is interrupted before the finalizers run."""
@@ -348,6 +410,16 @@ def redis_process(
 ) -> Iterator[Callable[[], RedisProcess]]:
     """Factory of private redis-servers, for tests that kill the broker."""
     yield from _factory(RedisProcess, tmp_path_factory)  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitProcess]:
+    """A private RabbitMQ whose consumer_timeout is 2 s (checked every 0.2 s)."""
+    server = RabbitProcess(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield server.start(timeout=90)  # type: ignore[misc]
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from ptutils.store.mongo import MongoStore
 from tests.helpers import assert_bit_identical, digits_config
 from tests.servers import RedisProcess, uri_with_db
 from workers.app import make_app
-from workers.dispatch import Route, send
+from workers.dispatch import Route, queue_depth, send
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = str(ROOT / "tests" / "worker_fixtures.py")
@@ -153,19 +153,21 @@ def _drop(uri: str) -> None:
 
 
 class Worker:
-    """A `ptutils worker` (the launcher and its child) with its log file."""
+    """A `ptutils worker` (the launcher and its child) with its log file: with short
+    lease and reconcile times, or with every default (`defaults=True`)."""
 
     def __init__(self, name: str, broker: str, store: str, folder: Path, *args: str,
-                 step_seconds: float = 0.0, env: dict[str, str] | None = None) -> None:
+                 step_seconds: float = 0.0, env: dict[str, str] | None = None,
+                 defaults: bool = False) -> None:
         self.name = name
         self.folder = folder
         self.progress = folder / f"progress-{name}"
         self.progress.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / f"{name}.log"
+        fast = [] if defaults else ["--lease-ttl", str(LEASE_TTL), "--reconcile-every", "0.5",
+                                    "--stall-after", "3", "--grace", "20"]
         cmd = [PY, "-m", "orchestrator.cli", "worker", "--gpus", "none", "--name", name,
-               "--broker", broker, "--store", store, "--lease-ttl", str(LEASE_TTL),
-               "--reconcile-every", "0.5", "--stall-after", "3", "--grace", "20",
-               "--loglevel", "info", *args]
+               "--broker", broker, "--store", store, *fast, "--loglevel", "info", *args]
         full = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_TEST_PROGRESS": str(self.progress),
                 "PTUTILS_TEST_STEP_SECONDS": str(step_seconds),
                 "PTUTILS_TRUST_SESSION_CODE": "1",  # the configs ship worker_fixtures.py
@@ -462,37 +464,89 @@ def test_a_task_that_keeps_killing_its_worker_fails_after_max_attempts(
     assert not list(tmp_path.glob("celerybeat-schedule*")), "beat keeps no pickled schedule"
 
 
-def test_broker_restarted_empty_reconcile_requeues_and_all_complete(
+def seconds_to_train_again(store: MongoStore, ids: list[str], since: float,
+                           timeout: float) -> dict[str, float]:
+    """Seconds from `since` (monotonic) until each session completed the chunk it was in
+    (or waited to start) at that moment: an upper bound of when it trained again."""
+    targets = {sid: min(60, (store.get_session(sid)["step"] // 20 + 1) * 20) for sid in ids}
+    reached: dict[str, float] = {}
+
+    def all_reached() -> bool:
+        for sid in set(ids) - set(reached):
+            if store.get_session(sid)["step"] >= targets[sid]:
+                reached[sid] = time.monotonic() - since
+        return len(reached) == len(ids)
+
+    wait_for(all_reached, timeout, "every session to train again", interval=0.2)
+    return reached
+
+
+def test_broker_restarted_empty_with_default_settings_all_train_again_within_60s(
         tmp_path, redis_process, store_uri, workers, reference):
     redis = redis_process()
     broker = redis.url
-    a = workers("a", broker, store_uri, "--reconcile-every", "0", step_seconds=0.03)
-    b = workers("b", broker, store_uri, "--reconcile-every", "0", step_seconds=0.03)
+    # Default settings: lease TTL 60 s, each worker reconciles every 5 s with the
+    # default thresholds. Three sessions on two workers: one always waits in the queue.
+    a = workers("a", broker, store_uri, step_seconds=0.05, defaults=True)
+    b = workers("b", broker, store_uri, step_seconds=0.05, defaults=True)
     a.wait_ready()
     b.wait_ready()
+    with MongoStore(store_uri) as store:
+        ids = submit_configs(store, broker, tmp_path, 1, 2, 3)
+        wait_for(lambda: any(store.get_session(i)["step"] >= 20 for i in ids), 60,
+                 "a first chunk")
+        redis.kill()
+        time.sleep(1.0)
+        redis.start()  # no persistence: every queued message is gone
+        restarted = time.monotonic()
+        took = seconds_to_train_again(store, ids, restarted, 60)
+        print(f"trained again after the broker restart: {sorted(took.values())}")
+        wait_done(store, ids, 120, (a, b))
+        for seed, sid in zip(SEEDS, ids):
+            assert_matches_reference(store, sid, reference, seed)
+    assert max(took.values()) <= 60
+    assert "reconcile:" in a.log + b.log, "a lost message was requeued by reconcile"
+
+
+def test_lost_eval_message_is_sent_again_within_60s(
+        tmp_path, redis_process, store_uri, workers, reference):
+    redis = redis_process()
+    broker = redis.url
+    # This worker takes no Eval: Eval(20) waits in the eval queue until the broker
+    # restarts empty; reconcile (the CLI, default thresholds) must send it again.
+    a = workers("a", broker, store_uri, "-Q", "train,save", "--reconcile-every", "0",
+                step_seconds=0.05, defaults=True).wait_ready()
     reconciler = subprocess.Popen(
-        [PY, "-m", "orchestrator.cli", "reconcile", "--every", "0.5", "--stall-after", "3",
-         "--eval-stall-after", "3", "--store", store_uri, "--broker", broker, "--json"],
+        [PY, "-m", "orchestrator.cli", "reconcile", "--every", "5", "--store", store_uri,
+         "--broker", broker, "--json"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         with MongoStore(store_uri) as store:
-            ids = submit_configs(store, broker, tmp_path, 1, 2, 3)
-            wait_for(lambda: any(store.get_session(i)["step"] >= 20 for i in ids), 60,
-                     "a first chunk")
+            (sid,) = submit_configs(store, broker, tmp_path, 1)
+            app = make_app(broker)
+            wait_for(lambda: queue_depth(app, "eval") and a.owns(store.get_session(sid)["lease"]),
+                     60, "Eval(20) queued, Train[20,40) running", alive=a)
             redis.kill()
-            time.sleep(1.0)
-            redis.start()  # no persistence: every queued message is gone
-            wait_done(store, ids, 120, (a, b))
-            for seed, sid in zip(SEEDS, ids):
-                assert_matches_reference(store, sid, reference, seed)
+            redis.start()
+            restarted = time.monotonic()
+            b = workers("b", broker, store_uri, "-Q", "eval", "--reconcile-every", "0",
+                        defaults=True)
+            wait_for(lambda: store.query_statistics(sid, phase="eval", step_max=20), 60,
+                     "Eval(20) to be sent again and run", alive=b)
+            took = time.monotonic() - restarted
+            print(f"Eval(20) ran {took:.1f}s after the broker restart")
+            wait_done(store, [sid], 90, (a, b))
+            assert_matches_reference(store, sid, reference, 1)
     finally:
         os.killpg(reconciler.pid, signal.SIGTERM)
         out, _ = reconciler.communicate(timeout=30)
     requeued = [r for line in out.splitlines() if line.startswith("[")
                 for r in json.loads(line)]
-    assert requeued, f"reconcile requeued nothing:\n{out[-3000:]}"
-    assert {r["session"] for r in requeued} <= set(ids)
+    evals = [t for r in requeued for t in r["tasks"] if t.startswith("Eval")]
+    assert evals == [f"Eval(20) of {sid[:8]}"], out
+    assert took <= 60
+    assert b.log.count(f"Eval(20) of {sid[:8]}: done") == 1
 
 
 def test_celery_inspect_active_lists_the_running_train_task(
@@ -574,6 +628,27 @@ def test_rabbitmq_broker_runs_a_session_end_to_end(tmp_path, store_uri, workers,
         _purge(app, queues)
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(legacy)
+
+
+def test_rabbitmq_chunks_longer_than_the_consumer_timeout_run_once(
+        tmp_path, rabbit_server, store_uri, workers, reference):
+    # This RabbitMQ cancels a consumer whose delivery stays unacknowledged for 2 s; every
+    # chunk takes 3 s, and the second session's tasks wait for the only worker meanwhile.
+    url = rabbit_server.url
+    a = workers("a", url, store_uri, step_seconds=0.15).wait_ready()
+    with MongoStore(store_uri) as store:
+        ids = submit_configs(store, url, tmp_path, 1, 2)
+        wait_done(store, ids, 90, (a,))
+        for seed, sid in zip(SEEDS, ids):
+            assert_matches_reference(store, sid, reference, seed)
+    log = a.log
+    assert "PRECONDITION_FAILED" not in log, "the broker cancelled the consumer"
+    assert "Connection to broker lost" not in log
+    for sid in ids:
+        for start, stop in ((0, 20), (20, 40), (40, 60)):
+            assert log.count(f"Train[{start},{stop}) of {sid[:8]}: done") == 1
+    assert "lease held by another worker" not in log and "stale" not in log, "a redelivery"
+    assert "reconcile:" not in log, "nothing was lost, nothing requeued"
 
 
 def _purge(app: Any, queues: tuple[str, ...]) -> None:

@@ -1,11 +1,11 @@
 """Sending tasks: the queue and priority of a session's messages, and a reachable broker.
 
-Every sender (submit, the task bodies enqueueing successors, reconcile) goes through
-`send`, so a session's messages all take the same route: Train to the session's train
-queue (`meta.queue`, default `train`), Eval and Save to their own queues, all with the
-session's priority (`meta.priority`). Priorities mean the same on every broker: 0..9,
-higher runs sooner (Redis orders its priority lists the other way round, so the value
-is mirrored for it).
+Every sender (submit, the task bodies enqueueing successors, reconcile through
+`reconciler`) goes through `send`, so a session's messages all take the same route:
+Train to the session's train queue (`meta.queue`, default `train`), Eval and Save to
+their own queues, all with the session's priority (`meta.priority`). Priorities mean
+the same on every broker: 0..9, higher runs sooner (Redis orders its priority lists the
+other way round, so the value is mirrored for it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
 from ptutils.errors import BrokerUnavailable
-from ptutils.protocol import QUEUES, TASK_NAMES, TRAIN, Task
+from ptutils.protocol import QUEUES, TASK_NAMES, TRAIN, Task, queue_of
+from ptutils.reconcile import Reconciler
+from ptutils.store.base import Store
 from workers.app import MAX_PRIORITY, is_redis
 
 log = logging.getLogger("ptutils.dispatch")
@@ -43,8 +45,7 @@ class Route:
     def of(cls, doc: Mapping[str, Any]) -> Route:
         """The route recorded on a session document at submit time (`meta`)."""
         meta = doc.get("meta") or {}
-        return cls(str(meta.get("queue") or QUEUES[TRAIN]),
-                   int(meta.get("priority", DEFAULT_PRIORITY)))
+        return cls(queue_of(doc, TRAIN), int(meta.get("priority", DEFAULT_PRIORITY)))
 
     def queue_for(self, task: Task) -> str:
         return self.queue if task.kind == TRAIN else QUEUES[task.kind]
@@ -92,6 +93,16 @@ def send(app: Celery, task: Task, route: Route, *, countdown: float | None = Non
         ) from exc
     log.debug("sent %s to %s", task, route.queue_for(task))
     return str(result.id)
+
+
+def reconciler(store: Store, app: Celery, **options: Any) -> Reconciler:
+    """A Reconciler of `store` that sends through `app` on each session's route and reads
+    the broker's queue depths (options: Reconciler's thresholds)."""
+
+    def send_task(doc: dict[str, Any], task: Task) -> None:
+        send(app, task, Route.of(doc))
+
+    return Reconciler(store, send=send_task, depth=lambda q: queue_depth(app, q), **options)
 
 
 def check_broker(app: Celery, timeout: float = 5.0) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import Task as CeleryTask
@@ -29,11 +30,12 @@ from ptutils import policy
 from ptutils.engine import Engine, Outcome
 from ptutils.errors import PtutilsError, SessionNotFound, StoreError
 from ptutils.protocol import EVAL, SAVE, TASK_NAMES, TRAIN, Task
+from ptutils.reconcile import EvalClaim, Reconciler
 from ptutils.rng import isolate_library_rngs
 from ptutils.store import open_store
 from ptutils.store.base import Store
 from workers.app import RECONCILE_TASK, app
-from workers.dispatch import Route, send
+from workers.dispatch import Route, reconciler, send
 
 log = logging.getLogger("ptutils.worker")
 
@@ -101,13 +103,21 @@ class WorkerContext:
         """Run one task and enqueue what follows; None if its session no longer exists."""
         self.begin()
         try:
-            outcome = self.engine.run(task)
+            with self._claim(task):
+                outcome = self.engine.run(task)
         except SessionNotFound:
             log.info("%s: skipped (the session was deleted)", task)
             return None
         _log_outcome(outcome)
         self.dispatch(outcome)
         return outcome
+
+    def _claim(self, task: Task) -> AbstractContextManager[object]:
+        """An Eval holds a claim on its checkpoint while it runs (reconcile leaves it be)."""
+        if task.kind != EVAL:
+            return nullcontext()
+        return EvalClaim(self.store, task.session, task.step, self.engine.worker,
+                         self.engine.lease_ttl)
 
     def dispatch(self, outcome: Outcome) -> None:
         """Enqueue the successors, then the task itself again if it must wait."""
@@ -193,11 +203,17 @@ def save(self: CeleryTask, **message: Any) -> dict[str, Any]:
 
 @app.task(name=RECONCILE_TASK, bind=True)
 def reconcile(self: CeleryTask) -> int:
-    """The beat task: requeue lost work of every session (see orchestrator.reconcile)."""
-    from orchestrator.reconcile import reconcile_once  # the one call up to orchestrator/
+    """The beat task: requeue lost work of every session (see ptutils.reconcile)."""
+    global _beat_reconciler
+    store = context(self.request.hostname).store
+    if _beat_reconciler is None or _beat_reconciler.store is not store:
+        _beat_reconciler = reconciler(store, app, **_reconcile_options())
+    return len(_beat_reconciler.tick())
 
-    options = _reconcile_options()
-    return len(reconcile_once(context(self.request.hostname).store, app, **options))
+
+_beat_reconciler: Reconciler | None = None
+"""The beat task's Reconciler in this process (it remembers when it last listed the
+completed sessions, and which sessions it saw finish)."""
 
 
 # --- preemption -------------------------------------------------------------------------
@@ -255,11 +271,9 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 def _reconcile_forever(every: float) -> None:
     """The light reconcile loop `ptutils worker` runs in one process per machine."""
-    from orchestrator.reconcile import reconcile_loop  # the one call up to orchestrator/
-
     store = open_store(os.environ.get("PTUTILS_STORE"))
     log.info("reconciling %s every %gs", store.url, every)
-    reconcile_loop(store, app, every, stop=_stopped, **_reconcile_options())
+    reconciler(store, app, **_reconcile_options()).loop(every, stop=_stopped)
 
 
 def _reconcile_options() -> dict[str, float]:

@@ -1,0 +1,66 @@
+"""Layers point down (DESIGN §2): ptutils/ <- workers/ <- orchestrator/.
+
+Read from the source with `ast`, so an import inside a function counts as much as one
+at the top of a module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FORBIDDEN = {
+    "ptutils": ("orchestrator", "workers", "celery", "kombu"),
+    "workers": ("orchestrator",),
+}
+"""Package -> top-level packages its modules must not import."""
+
+
+def imported_modules(root: Path, path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a file, wherever it sits."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x / from ..a import b
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+    return found
+
+
+def violations(root: Path, package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """`file:line imports module` for each import of a forbidden package under root/package."""
+    bad = []
+    for path in sorted((root / package).rglob("*.py")):
+        for line, module in imported_modules(root, path):
+            if module.split(".")[0] in forbidden:
+                bad.append(f"{path.relative_to(root)}:{line} imports {module}")
+    return bad
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layers_point_down(package):
+    assert violations(ROOT, package, FORBIDDEN[package]) == []
+
+
+def test_the_check_sees_lazy_and_relative_imports(tmp_path):
+    (tmp_path / "workers" / "sub").mkdir(parents=True)
+    (tmp_path / "workers" / "tasks.py").write_text(
+        "import os\n\ndef beat():\n    from orchestrator.reconcile import reconcile_once\n")
+    (tmp_path / "workers" / "sub" / "x.py").write_text(
+        "from .. import app\nfrom ...orchestrator import cli\nimport orchestrator.cli as c\n")
+    assert violations(tmp_path, "workers", ("orchestrator",)) == [
+        "workers/sub/x.py:2 imports orchestrator",
+        "workers/sub/x.py:3 imports orchestrator.cli",
+        "workers/tasks.py:4 imports orchestrator.reconcile",
+    ]
