@@ -308,7 +308,8 @@ def rabbitmq_server_path() -> str:
     for path in ("/usr/lib/rabbitmq/bin/rabbitmq-server", shutil.which("rabbitmq-server")):
         if path and os.path.exists(path):
             return path
-    pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+    pytest.fail("rabbitmq-server is not installed: `apt-get install rabbitmq-server` "
+                "(.ci/run does), or point PTUTILS_TEST_AMQP_URL at a RabbitMQ")
     raise AssertionError("unreachable")
 
 
