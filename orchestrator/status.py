@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ptutils.errors import OrchestratorError, PtutilsError
+from ptutils.plan import pending_eval_steps
 from ptutils.store.base import CheckpointKind, SessionStatus, Store, new_id
 
 CANCEL_ATTEMPTS = 20
@@ -43,8 +44,6 @@ def display_state(store: Store, doc: dict[str, Any], now: float) -> tuple[str, i
 
 def _awaited_eval(store: Store, doc: dict[str, Any]) -> int | None:
     """The Eval step the session's next chunk waits for, if its result is not in yet."""
-    from ptutils.plan import pending_eval_steps  # imports torch: only when needed
-
     try:
         steps = pending_eval_steps(doc, int(doc["step"]))
     except PtutilsError:

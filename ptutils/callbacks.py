@@ -22,16 +22,11 @@ from typing import Any
 
 from ptutils.errors import ConfigError, HiLossError, NanLossError
 from ptutils.module import Module
+from ptutils.plan import DEFAULT_MODE, MODES
 
 TRIGGERS = ("on_log", "on_chunk_end", "on_eval_end")
 """Trigger names a callback may handle."""
 
-MODES = ("min", "max")
-"""Whether a smaller or a larger value of a watched metric is better."""
-
-DEFAULT_MODE = "min"
-"""The one default of every `mode` / `best_mode` (callbacks, retention): metrics are
-losses unless said otherwise."""
 
 
 class Callback(Module):

@@ -6,11 +6,102 @@ keeps its own copy of the schedule.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ptutils.config import check_keys
+from ptutils.errors import ConfigError
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
-from ptutils.session import Plan
 from ptutils.store.base import SessionStatus
+
+MODES = ("min", "max")
+"""Whether a smaller or a larger value of a watched metric is better."""
+
+DEFAULT_MODE = "min"
+"""The one default of every `mode` / `best_mode` (callbacks, retention): metrics are
+losses unless said otherwise."""
+
+
+@dataclass
+class Retention:
+    """Which checkpoints the Save task keeps."""
+
+    keep_last: int = 2
+    keep_every: int = 0
+    best_metric: str | None = None
+    best_mode: str = DEFAULT_MODE
+
+
+@dataclass
+class Plan:
+    """The schedule of a session: `session:` in the config."""
+
+    total_steps: int = 1000
+    chunk_steps: int = 100
+    eval_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 1
+    deterministic: bool = True
+    device: str = "cpu"
+    max_attempts: int = 3
+    retention: Retention = field(default_factory=Retention)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> Plan:
+        cfg = dict(cfg or {})
+        check_keys(cfg, [f.name for f in fields(cls)], "session")
+        ret = cfg.pop("retention", None) or {}
+        check_keys(ret, [f.name for f in fields(Retention)], "session.retention")
+        plan = cls(**cfg, retention=Retention(**ret))
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"session.{key}: {what} (got {getattr(self, key)!r})")
+
+        need(
+            isinstance(self.total_steps, int) and self.total_steps > 0,
+            "total_steps",
+            "must be a positive integer",
+        )
+        need(
+            isinstance(self.chunk_steps, int) and self.chunk_steps > 0,
+            "chunk_steps",
+            "must be a positive integer",
+        )
+        need(
+            isinstance(self.eval_every, int) and self.eval_every >= 0,
+            "eval_every",
+            "must be 0 (eval only at the end) or a positive integer",
+        )
+        need(
+            self.eval_every % self.chunk_steps == 0,
+            "eval_every",
+            f"must be a multiple of session.chunk_steps={self.chunk_steps} "
+            "(evals run on checkpoints, which are written at chunk ends)",
+        )
+        need(isinstance(self.threads, int) and self.threads >= 1, "threads", "must be >= 1")
+        need(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        if self.retention.best_mode not in MODES:
+            raise ConfigError(
+                f"session.retention.best_mode: must be 'min' or 'max' "
+                f"(got {self.retention.best_mode!r})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def boundary_after(self, step: int) -> int:
+        """The chunk end that follows `step` (chunks are aligned to chunk_steps)."""
+        return min(self.total_steps, (step // self.chunk_steps + 1) * self.chunk_steps)
+
+    def eval_due(self, step: int) -> bool:
+        return step == self.total_steps or (self.eval_every > 0 and step % self.eval_every == 0)
+
 
 
 def plan_of(doc: dict[str, Any]) -> Plan:
