@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e ".[dev,data,plot]" "$(TORCH)"
+	$(PIP) install -q -e ".[dev,data,plot,export]" "$(TORCH)"
 	touch $@
 
 test: dev

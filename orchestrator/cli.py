@@ -103,6 +103,8 @@ def main(verbose: int) -> None:
       ptutils run examples/digits_mlp.yaml            train, checkpoint, evaluate
       ptutils run --resume digits-mlp                 continue after an interruption
       ptutils stats digits-mlp --plot curves.png      look at the curves
+      ptutils export digits-mlp -o net.safetensors    weights for other tools
+      ptutils export-stats digits-mlp --tensorboard tb  curves for TensorBoard
 
     \b
     On a cluster (Redis + MongoDB, see deploy/README.md):
@@ -281,26 +283,6 @@ def _print_summary(summary: Any) -> None:
 
 
 @main.command()
-@click.argument("session")
-@click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="File to write (a plain torch state_dict).")
-@store_option
-@handle_errors
-def export(session: str, step: int | None, output: str, store_url: str | None) -> None:
-    """Write SESSION's network weights as a plain state_dict .pt file.
-
-    The file is readable outside ptutils with torch.load(FILE, weights_only=True).
-    SESSION is a name or an id.
-    """
-    from ptutils.runner import export_state_dict
-
-    store = open_store_or_fail(store_url)
-    ckpt = export_state_dict(store, session, step, output)
-    click.echo(f"wrote {output} (step {ckpt['step']})")
-
-
-@main.command()
 @click.argument("sessions", nargs=-1, required=True)
 @click.option("--name", "names", multiple=True, help="Statistic names (default: all).")
 @click.option("--phase", type=click.Choice(["train", "eval"]), default=None)
@@ -321,9 +303,10 @@ def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
                 as_json=as_json)
 
 
-from orchestrator import cluster_cli  # noqa: E402 - after `main`, which it extends
+from orchestrator import cluster_cli, export  # noqa: E402 - after `main`, which they extend
 
 cluster_cli.register(main)
+export.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -257,11 +257,17 @@ def summarize(store: Store, session_id: str, wall: float = 0.0) -> Summary:
 
 
 def export_state_dict(
-    store: Store, ref: str, step: int | None, path: str | os.PathLike[str]
+    store: Store, ref: str, step: int | None, path: str | os.PathLike[str],
+    fmt: str | None = None,
 ) -> dict[str, Any]:
-    """Write the network's plain state_dict for `torch.load(path, weights_only=True)`."""
+    """Write the network's plain state_dict: for `torch.load(path, weights_only=True)`
+    (fmt "pt") or `safetensors.torch.load_file` (fmt "safetensors", with the session,
+    step and torch version in the header metadata). `fmt` None: from the suffix."""
     import torch
 
+    from ptutils.weights import format_for, save_weights
+
+    fmt = format_for(path, fmt)
     doc = store.get_session(ref)
     ckpt = store.get_checkpoint(doc["_id"], step)
     try:
@@ -272,9 +278,10 @@ def export_state_dict(
         weights = state["trainer"]["model"]["network"]
     except (KeyError, TypeError) as exc:
         raise PtutilsError(f"checkpoint at step {ckpt['step']} holds no network state") from exc
-    tmp = Path(f"{os.fspath(path)}.tmp")
-    torch.save({k: v.clone() for k, v in weights.items()}, tmp)
-    os.replace(tmp, path)
+    metadata = {"format": "pt", "ptutils.session": doc["name"],
+                "ptutils.session_id": doc["_id"], "ptutils.step": str(ckpt["step"]),
+                "torch": torch.__version__}
+    save_weights(weights, path, fmt, metadata)
     return ckpt
 
 
