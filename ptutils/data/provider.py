@@ -217,6 +217,14 @@ class DataProvider(Module):
         counter.drawn += 1
         return {key: torch.index_select(t, 0, idx) for key, t in stream.columns}  # type: ignore[union-attr]
 
+    def epochs_completed(self) -> int:
+        """Whole epochs of the first train source used up so far: a pure function of the
+        position (the State), so per-epoch schedules step at the same step on resume."""
+        stream = self._streams[0]
+        if stream.columns is None:
+            self._attach(stream)
+        return stream.epoch + (1 if stream.position >= stream.limit else 0)
+
     def _choose(self, drawn: int) -> int:
         """Index of the source of batch number `drawn`: a counter-based draw (SplitMix64)."""
         x = (self._mix_key + (drawn + 1) * _GOLDEN) & _MASK64
