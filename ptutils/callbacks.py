@@ -49,6 +49,7 @@ class Callbacks(Module):
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self._items: list[Callback] = []
+        self._hooks: list[Callback] = []
         for i, cb in enumerate(callbacks):
             if not isinstance(cb, Callback):
                 raise ConfigError(f"callbacks[{i}]: {type(cb).__name__} is not a Callback")
@@ -61,10 +62,15 @@ class Callbacks(Module):
     def __len__(self) -> int:
         return len(self._items)
 
+    def attach(self, hook: Callback) -> None:
+        """Add a hook of ptutils' own (a `monitor:` scheduler): fired before the configured
+        callbacks, at the same fixed points; not part of the State nor of the config."""
+        self._hooks.append(hook)
+
     def fire(self, trigger: str, *args: Any) -> None:
         if trigger not in TRIGGERS:
             raise ValueError(f"unknown trigger {trigger!r}; known: {', '.join(TRIGGERS)}")
-        for cb in self._items:
+        for cb in (*self._hooks, *self._items):
             getattr(cb, trigger)(*args)
 
     @property

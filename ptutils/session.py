@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ptutils.callbacks import Callbacks, NanDetector
+from ptutils.callbacks import Callback, Callbacks, NanDetector
 from ptutils.config import check_keys
 from ptutils.data import DataProvider
 from ptutils.errors import ConfigError, DataError
@@ -88,6 +88,10 @@ class Session(Module):
         self.evals_seen = 0
         self._name = name
         self._evaluator.check(data_obj)
+        model_obj.check_device(self.plan.device)  # the target device, wherever this build runs
+        if model_obj.monitor is not None:
+            _check_monitor(model_obj.monitor, self._evaluator, self.plan)
+            self.callbacks.attach(_FeedMonitor(model_obj))
         if self.plan.device != "cpu":
             model_obj.to(self.plan.device)
 
@@ -152,6 +156,36 @@ class Session(Module):
             ) from exc
         finally:
             model.network.train(was_training)
+
+
+class _FeedMonitor(Callback):
+    """Feeds the eval metrics to `Model.eval_end` where callbacks get them (`on_eval_end`,
+    a fixed point of the plan), so `ptutils run` and the workers step the scheduler alike."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+
+    def on_eval_end(self, step: int, metrics: dict[str, float]) -> None:
+        self._model.eval_end(step, metrics)
+
+
+def _check_monitor(monitor: str, evaluator: Evaluator, plan: Plan) -> None:
+    """The monitored metric is produced by an eval whose result arrives before the end."""
+    names = evaluator.metric_names()
+    if monitor not in names:
+        raise ConfigError(
+            f"model.scheduler.monitor: no eval produces {monitor!r}; eval.targets give "
+            f"{', '.join(names) or 'nothing (no eval.targets)'}"
+        )
+    if plan.eval_every == 0 or plan.eval_every + plan.chunk_steps >= plan.total_steps:
+        raise ConfigError(
+            f"model.scheduler.monitor: {monitor} reaches the scheduler at the start of the "
+            "next-but-one chunk after each eval, and with session.eval_every="
+            f"{plan.eval_every} (chunk_steps={plan.chunk_steps}, total_steps="
+            f"{plan.total_steps}) no eval result arrives before the end. Set "
+            "session.eval_every to a multiple of chunk_steps with eval_every + chunk_steps "
+            "< total_steps."
+        )
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:

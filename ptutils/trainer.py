@@ -46,8 +46,22 @@ class Trainer(Module):
         return torch.stack(self._pending).float().tolist() if self._pending else []
 
     def step(self) -> torch.Tensor:
-        """One training step on the next batch; the detached loss."""
-        return self.model.train_step(self._to_device(self.data.next_batch()))
+        """One training step on the next `model.accumulate` batches; the detached (mean)
+        loss. An `interval: epoch` scheduler steps when the train stream finishes an
+        epoch: `epochs_completed()` is a function of the data position, so a resumed run
+        steps it where an uninterrupted one does."""
+        model, data = self.model, self.data
+        per_epoch = model.scheduler is not None and model.interval == "epoch"
+        before = data.epochs_completed() if per_epoch else 0
+        if model.accumulate == 1:
+            loss = model.train_step(self._to_device(data.next_batch()))
+        else:
+            loss = model.train_step(
+                [self._to_device(data.next_batch()) for _ in range(model.accumulate)]
+            )
+        if per_epoch:
+            model.epochs_ended(data.epochs_completed() - before)
+        return loss
 
     def _to_device(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         device = self.model.device
@@ -144,6 +158,10 @@ class Evaluator(Module):
                         f"valid: loss, {', '.join(METRICS)}"
                     )
             self.targets[name] = {"data": spec.get("data", name), "metrics": metrics}
+
+    def metric_names(self) -> list[str]:
+        """The statistics an eval produces: `target/metric` for every target and metric."""
+        return [f"{name}/{m}" for name, spec in self.targets.items() for m in spec["metrics"]]
 
     def check(self, data: DataProvider) -> None:
         """Every target names a dataset the provider has."""

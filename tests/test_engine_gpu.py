@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 
-def _cfg(amp: bool) -> dict:
+def _cfg(amp: str | bool) -> dict:
     return {
         "session": {"total_steps": 40, "chunk_steps": 10, "seed": 0, "device": "cuda",
                     "log_every": 5},
@@ -42,8 +42,10 @@ def _run(store: LocalStore, name: str, cfg: dict, cold_every_chunk: bool) -> dic
     return store.load_state(store.get_checkpoint(doc["_id"]))
 
 
-@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("amp", [False, "fp16", "bf16"])
 def test_cuda_session_resumes_bit_identical(tmp_path, amp):
+    if amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no native bfloat16 (model.amp: bf16 is refused on it)")
     store = LocalStore(tmp_path)
     warm = _run(store, "warm", _cfg(amp), cold_every_chunk=False)
     cold = _run(store, "cold", _cfg(amp), cold_every_chunk=True)
