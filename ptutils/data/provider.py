@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ptutils.data.readers import DataReader, stable_seed
-from ptutils.data.torch_source import LoaderOptions, TorchSource, is_torch_dataset, loader_options
+from ptutils.data.torch_source import TorchSource, is_torch_dataset, loader_options
 from ptutils.errors import ConfigError, DataError, LoadError
 from ptutils.module import Module, build, is_type_config
 
