@@ -252,7 +252,9 @@ def test_bad_loader_keys_are_config_errors_naming_the_key(data: dict[str, Any], 
 def test_pin_memory_on_a_cpu_only_machine_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"data\.pin_memory: true does nothing here"):
         provider({"train": blobs()}, pin_memory=True)
-    assert provider({"train": blobs()}, pin_memory="auto")._torch["train"].pin is False
+    data = provider({"train": blobs()}, pin_memory="auto")
+    data.pin_for("cpu")
+    assert data._torch["train"].pin is False
 
 
 @pytest.mark.parametrize("key", ["num_workers", "columns"])

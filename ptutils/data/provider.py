@@ -145,11 +145,17 @@ class DataProvider(Module):
     def pin_for(self, device: str | torch.device) -> None:
         """Say where batches will go (the plan's device): with `pin_memory` auto, torch
         Dataset batches are pinned when that is a CUDA device. Call before the first batch."""
-        self._pin_for(_device(device, "session.device"))
+        self._pin_for(_device(device, "session.device"), known=True)
 
-    def _pin_for(self, device: torch.device) -> None:
+    def _pin_for(self, device: torch.device, *, known: bool = False) -> None:
         pin = self._options.pin_memory
-        auto = (device.type == "cuda" or self.device.type == "cuda") and torch.cuda.is_available()
+        cuda = device.type == "cuda" or self.device.type == "cuda"
+        if pin and self._torch and not cuda and known:
+            raise ConfigError(
+                f"{self.config_path}.pin_memory: true does nothing: batches stay on the CPU "
+                f"(session.device: {device}); drop it (auto pins for a CUDA device)"
+            )
+        auto = cuda and torch.cuda.is_available()
         for source in self._torch.values():
             source.pin = auto if pin is None else pin
 
@@ -211,6 +217,8 @@ class DataProvider(Module):
         a torch Dataset is loaded whole, in eval order, each time)."""
         if name in self._torch:
             batches = list(self.provide(name))
+            if not batches:
+                raise DataError(f"{self._torch[name].describe()}: the dataset is empty")
             return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
         return dict(self._load(name))
 
