@@ -369,3 +369,14 @@ def test_torchvision_downloading_datasets_stay_refused() -> None:
 
     with pytest.raises(RegistryError, match="not allowed"):
         provider({"train": {"type": "torchvision.datasets.MNIST", "root": "x", "download": True}})
+
+
+def test_torchvision_is_allowed_exactly_when_installed() -> None:
+    import importlib.util
+
+    from ptutils import policy
+
+    installed = importlib.util.find_spec("torchvision") is not None
+    declared = policy.declared()
+    assert ("torchvision.transforms" in declared.modules) == installed
+    assert ("torchvision.datasets.ImageFolder" in [c[0] for c in declared.classes]) == installed
