@@ -290,6 +290,21 @@ def test_a_bad_sample_is_a_data_error_naming_the_dataset(workers: int, kind: str
     data.close()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_iterable_dataset_that_raises_is_a_data_error_and_leaves_the_rngs(workers: int) -> None:
+    data = provider({"train": {"type": "torch_datasets.Stream", "fail_at": 3}}, batch_size=4,
+                    num_workers=workers)
+    before = rng_states()
+    pattern = (r"data\.datasets\.train \(Stream\): sample 3 of worker 0 raised OSError: lost "
+               r"the connection at sample 3")
+    with pytest.raises(DataError, match=pattern):
+        data.next_batch()
+    with pytest.raises(DataError, match=pattern):
+        data.example_batch("train")
+    assert_rng_states(before)
+    data.close()
+
+
 def test_a_dataset_smaller_than_a_batch_is_refused_for_training() -> None:
     data = provider({"train": blobs(n=5)}, batch_size=8)
     with pytest.raises(DataError, match=r"data\.datasets\.train \(Blobs\): 5 samples, fewer than "

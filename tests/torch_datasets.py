@@ -50,10 +50,13 @@ class Blobs(Dataset):
 
 class Stream(IterableDataset):
     """`n` noisy samples per pass, shuffled per epoch (`set_epoch`) by a generator of its
-    own, split between DataLoader workers; `{"x", "i"}` dicts."""
+    own, split between DataLoader workers; `{"x", "i"}` dicts. `fail_at`: the sample
+    number at which the pass raises."""
 
-    def __init__(self, n: int = 40, features: int = 3, seed: int = 0) -> None:
+    def __init__(self, n: int = 40, features: int = 3, seed: int = 0,
+                 fail_at: int | None = None) -> None:
         self.n, self.features, self.seed, self.epoch = n, features, seed, 0
+        self.fail_at = fail_at
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -63,7 +66,9 @@ class Stream(IterableDataset):
         info = get_worker_info()
         if info is not None:
             order = order[info.id::info.num_workers]
-        for i in order.tolist():
+        for number, i in enumerate(order.tolist()):
+            if number == self.fail_at:
+                raise OSError(f"lost the connection at sample {number}")
             yield {"x": torch.full((self.features,), float(i)) + torch.rand(self.features),
                    "i": i}
 

@@ -166,6 +166,10 @@ def _raised(what: str, exc: BaseException) -> _Failure:
     return _Failure(f"{what} raised {type(exc).__name__}: {exc}\n{tb.rstrip()}")
 
 
+_END = object()
+"""The end of an IterableDataset's pass."""
+
+
 class _Indexed(Dataset):  # type: ignore[type-arg]
     """A map-style dataset read by (epoch or "eval", index) keys, each sample seeded."""
 
@@ -196,18 +200,21 @@ class _Iterated(IterableDataset):  # type: ignore[type-arg]
         worker = info.id if info is not None else 0
         iterator: Iterator[Any] | None = None
         number = 0
-        while True:
+        while True:  # never yield inside `_Seeded`: the caller would run with its seeds
             with _Seeded(stable_seed("sample", self.seed, self.name, self.tag, worker, number)):
                 try:
                     if iterator is None:
                         iterator = iter(self.dataset)
                     sample = next(iterator)
                 except StopIteration:
-                    return
+                    sample = _END
                 except Exception as exc:  # noqa: BLE001 - reported in the main process
-                    yield _raised(f"sample {number} of worker {worker}", exc)
-                    return
+                    sample = _raised(f"sample {number} of worker {worker}", exc)
+            if sample is _END:
+                return
             yield sample
+            if isinstance(sample, _Failure):
+                return
             number += 1
 
 
