@@ -4,6 +4,9 @@ A config is data written by whoever submits it; the code it names runs on machin
 run by someone else. So what may be loaded is decided on the machine, by its operator:
 
 - torch.nn, torch.optim (with lr_scheduler) and ptutils' component modules, always;
+- when torchvision is installed: its transforms (`torchvision.transforms`, with `.v2`)
+  and its local-file datasets `ImageFolder` and `DatasetFolder` (not the ones that
+  download);
 - modules declared by installed packages under the `ptutils.modules` entry point
   group (installing the package is the consent): a value `mylab.models` allows that
   module and its submodules, `mylab.models:ResNet` allows that one class;
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 import keyword
 import logging
 import os
@@ -96,6 +100,23 @@ def parse_trust(value: str | None, source: str = f"${TRUST_ENV}") -> bool:
     raise ConfigError(f"{source}={value!r}: expected 1 (trust session code) or 0")
 
 
+OPTIONAL_MODULES: dict[str, tuple[str, ...]] = {"torchvision": ("torchvision.transforms",)}
+"""Modules of optional libraries allowed whenever the library is installed."""
+
+OPTIONAL_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {
+    "torchvision": (("torchvision.datasets", "ImageFolder"), ("torchvision.datasets", "DatasetFolder")),
+}
+"""(module, class) of optional libraries allowed whenever the library is installed."""
+
+
+def _installed(package: str) -> bool:
+    """Whether a top-level package can be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class Declared:
     """What installed packages declare under the `ptutils.modules` entry point group."""
@@ -109,6 +130,10 @@ class Declared:
 def _declared(path_key: tuple[str, ...]) -> Declared:
     modules: list[str] = []
     classes: list[tuple[str, str, str]] = []
+    for package, names in OPTIONAL_MODULES.items():
+        if _installed(package):
+            modules.extend(names)
+            classes.extend((f"{m}.{a}", m, a) for m, a in OPTIONAL_CLASSES.get(package, ()))
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         module, attr = (ep.module or "").strip(), (ep.attr or "").strip()
         if not is_dotted_identifier(module) or (attr and not is_dotted_identifier(attr)):
@@ -125,7 +150,8 @@ def _declared(path_key: tuple[str, ...]) -> Declared:
 
 
 def declared() -> Declared:
-    """The entry points of the packages importable now (read from metadata, nothing runs)."""
+    """The entry points of the packages importable now (read from metadata, nothing runs),
+    and the allowed parts of optional libraries installed (OPTIONAL_MODULES, _CLASSES)."""
     return _declared(tuple(sys.path))
 
 

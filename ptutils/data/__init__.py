@@ -1,4 +1,5 @@
-"""The data layer: readers turn sources into columns; the DataProvider batches them.
+"""The data layer: readers turn sources into columns; the DataProvider batches them
+and loads torch Datasets through a DataLoader (ptutils.data.torch_source).
 
 Configs name these as `ptutils.data.NpzReader`, `ptutils.data.DataProvider`, ...
 """

@@ -1,6 +1,7 @@
 """`DataProvider`: named in-memory datasets, eval batches, and a resumable train stream.
 
-Every dataset is read once, lazily, and held as torch tensors. The train stream's
+Every reader's dataset is read once, lazily, and held as torch tensors; a torch
+`Dataset` is loaded through a DataLoader instead (ptutils.data.torch_source). The train stream's
 order is a pure function of (seed, source, epoch) and, with several weighted sources,
 the source of each batch is a pure function of (seed, batch number); the position
 (epoch and offset per source, batches drawn) is the provider's state, made of ints
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ptutils.data.readers import DataReader, stable_seed
+from ptutils.data.torch_source import TorchSource, is_torch_dataset, loader_options
 from ptutils.errors import ConfigError, DataError, LoadError
 from ptutils.module import Module, build, is_type_config
 
@@ -56,10 +58,12 @@ class _Counter:
 class DataProvider(Module):
     """Datasets by name; `provide(name)` gives eval batches, `next_batch()` train ones.
 
-    `datasets`: {name: reader config (`{type: ptutils.data.DigitsReader, ...}`) or
-    DataReader}. `train`: the dataset the train stream draws from, or {name: weight}
-    to mix several (each batch from one source). Eval batches are views of the held
-    tensors: do not modify them in place.
+    `datasets`: {name: reader config (`{type: ptutils.data.DigitsReader, ...}`),
+    DataReader, or the config of a torch Dataset}. `train`: the dataset the train stream
+    draws from, or {name: weight} to mix several (each batch from one source). Eval
+    batches of readers are views of the held tensors: do not modify them in place.
+    `num_workers`, `persistent_workers`, `pin_memory`, `prefetch_factor` and `columns`
+    configure the DataLoader of torch Datasets (ptutils.data.torch_source).
     """
 
     config_path = "data"
@@ -74,6 +78,11 @@ class DataProvider(Module):
         eval_batch_size: int | None = None,
         drop_last: bool = True,
         device: str = "cpu",
+        num_workers: int = 0,
+        persistent_workers: bool | None = None,
+        pin_memory: bool | str | None = None,
+        prefetch_factor: int | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.eval_batch_size = (self.batch_size if eval_batch_size is None
@@ -83,7 +92,13 @@ class DataProvider(Module):
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.device = _device(device, f"{self.config_path}.device")
+        self._options = loader_options(num_workers, persistent_workers, pin_memory,
+                                       prefetch_factor, columns, where=self.config_path)
+        self._torch: dict[str, TorchSource] = {}
         self._readers = self._build_readers(datasets)
+        self._names = [str(name) for name in datasets]
+        self._check_loader_keys(num_workers, persistent_workers, pin_memory,
+                                prefetch_factor, columns)
         weights = self._train_weights(train)
         self._sources = list(weights)
         total = sum(weights.values())
@@ -101,11 +116,52 @@ class DataProvider(Module):
                 f"{root}: expected {{name: reader config}}, e.g. "
                 "{train: {type: ptutils.data.NpzReader, path: train.npz}}"
             )
-        return {str(name): self._reader(f"{root}.{name}", spec) for name, spec in datasets.items()}
+        readers: dict[str, DataReader] = {}
+        for name, spec in datasets.items():
+            built = self._reader(f"{root}.{name}", spec)
+            if isinstance(built, DataReader):
+                readers[str(name)] = built
+            else:
+                self._torch[str(name)] = TorchSource(
+                    built, name=str(name), where=f"{root}.{name}", seed=self.seed,
+                    batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                    drop_last=self.drop_last, options=self._options)
+        return readers
+
+    def _check_loader_keys(self, *values: Any) -> None:
+        """DataLoader keys set without a torch Dataset do nothing: an error."""
+        if self._torch:
+            self._pin_for(self.device)
+            return
+        keys = ("num_workers", "persistent_workers", "pin_memory", "prefetch_factor", "columns")
+        for key, value in zip(keys, values):
+            if value not in (None, 0, "auto"):
+                raise ConfigError(
+                    f"{self.config_path}.{key}: configures the DataLoader of torch Dataset "
+                    f"sources, and {self.config_path}.datasets has none (readers are held in "
+                    "memory); drop it"
+                )
+
+    def pin_for(self, device: str | torch.device) -> None:
+        """Say where batches will go (the plan's device): with `pin_memory` auto, torch
+        Dataset batches are pinned when that is a CUDA device. Call before the first batch."""
+        self._pin_for(_device(device, "session.device"), known=True)
+
+    def _pin_for(self, device: torch.device, *, known: bool = False) -> None:
+        pin = self._options.pin_memory
+        cuda = device.type == "cuda" or self.device.type == "cuda"
+        if pin and self._torch and not cuda and known:
+            raise ConfigError(
+                f"{self.config_path}.pin_memory: true does nothing: batches stay on the CPU "
+                f"(session.device: {device}); drop it (auto pins for a CUDA device)"
+            )
+        auto = cuda and torch.cuda.is_available()
+        for source in self._torch.values():
+            source.pin = auto if pin is None else pin
 
     @staticmethod
-    def _reader(where: str, spec: Any) -> DataReader:
-        if isinstance(spec, DataReader):
+    def _reader(where: str, spec: Any) -> Any:
+        if isinstance(spec, DataReader) or is_torch_dataset(spec):
             reader = spec
         elif is_type_config(spec):
             try:
@@ -114,13 +170,15 @@ class DataProvider(Module):
                 if where in str(exc):
                     raise
                 raise type(exc)(f"{where}: {exc}") from exc
-            if not isinstance(reader, DataReader):
+            if not isinstance(reader, DataReader) and not is_torch_dataset(reader):
                 raise ConfigError(
-                    f"{where}.type: {spec['type']} is a {type(reader).__name__}, not a DataReader"
+                    f"{where}.type: {spec['type']} is a {type(reader).__name__}, neither a "
+                    "DataReader nor a torch.utils.data.Dataset"
                 )
         else:
             raise ConfigError(f"{where}: expected a reader config with `type:`{_type_hint(spec)}")
-        reader.where = where
+        if isinstance(reader, DataReader):
+            reader.where = where
         return reader
 
     def _train_weights(self, train: Any) -> dict[str, float]:
@@ -134,10 +192,10 @@ class DataProvider(Module):
         else:
             raise ConfigError(f"{where}: expected a dataset name or {{name: weight}}, got {train!r}")
         for name, weight in weights.items():
-            if name not in self._readers:
+            if name not in self._names:
                 raise ConfigError(
                     f"{where}: no dataset {name!r}; {self.config_path}.datasets has "
-                    f"{', '.join(repr(n) for n in self._readers)}"
+                    f"{', '.join(repr(n) for n in self._names)}"
                 )
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
                 math.isfinite(weight) and weight > 0
@@ -148,24 +206,48 @@ class DataProvider(Module):
     # --- reading ------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
         """The configured dataset names, in config order."""
-        return list(self._readers)
+        return list(self._names)
 
     def train_sources(self) -> list[str]:
         """The datasets the train stream draws from."""
         return list(self._sources)
 
     def columns(self, name: str) -> dict[str, torch.Tensor]:
-        """The whole dataset `name` as tensors on the provider's device (read on first use)."""
+        """The whole dataset `name` as tensors on the provider's device (read on first use;
+        a torch Dataset is loaded whole, in eval order, each time)."""
+        if name in self._torch:
+            batches = list(self.provide(name))
+            if not batches:
+                raise DataError(f"{self._torch[name].describe()}: the dataset is empty")
+            return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
         return dict(self._load(name))
 
     def sizes(self) -> dict[str, int]:
-        """Number of samples of every dataset (reads them all)."""
-        return {name: _length(self._load(name)) for name in self._readers}
+        """Number of samples of every dataset: readers are read, torch Datasets give their
+        `len()` (an IterableDataset without one is left out)."""
+        out: dict[str, int] = {}
+        for name in self._names:
+            source = self._torch.get(name)
+            size = _length(self._load(name)) if source is None else source.size()
+            if size is not None:
+                out[name] = size
+        return out
 
     def check(self) -> None:
-        """Cheap early check that every reader's files exist, without reading them."""
-        for reader in self._readers.values():
-            reader.check()
+        """Cheap early check that every reader's files exist, without reading them (a
+        map-style torch Dataset: that it has samples)."""
+        for name in self._names:
+            source = self._torch.get(name)
+            if source is None:
+                self._readers[name].check()
+            else:
+                source.check()
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of torch Dataset sources (they also stop when the
+        provider is garbage collected)."""
+        for source in self._torch.values():
+            source.close()
 
     def _load(self, name: str) -> tuple[tuple[str, torch.Tensor], ...]:
         columns = self._columns.get(name)
@@ -178,7 +260,7 @@ class DataProvider(Module):
         if reader is None:
             raise DataError(
                 f"no dataset {name!r}; {self.config_path}.datasets has "
-                f"{', '.join(repr(n) for n in self._readers)}"
+                f"{', '.join(repr(n) for n in self._names)}"
             )
         try:
             arrays = reader.read()
@@ -192,12 +274,19 @@ class DataProvider(Module):
     def provide(self, name: str) -> Iterator[Batch]:
         """Batches of dataset `name` in its fixed order, each sample once, last partial one
         included. The data is read when this is called, not when iteration starts."""
+        source = self._torch.get(name)
+        if source is not None:
+            return (self._to_device(b) for b in source.provide())
         columns = self._load(name)
         size, step = _length(columns), self.eval_batch_size
         return ({key: t[start:start + step] for key, t in columns} for start in range(0, size, step))
 
     def example_batch(self, name: str) -> Batch:
-        """The first eval batch of `name`: shapes and dtypes to check a network against."""
+        """The first eval batch of `name`: shapes and dtypes to check a network against
+        (a torch Dataset's is loaded in this process, the global RNGs untouched)."""
+        source = self._torch.get(name)
+        if source is not None:
+            return self._to_device(source.example_batch())
         batch = next(self.provide(name), None)
         if batch is None:
             raise DataError(f"{self._readers[name].describe()}: the dataset is empty")
@@ -209,6 +298,11 @@ class DataProvider(Module):
         streams = self._streams
         counter = self._counter
         stream = streams[0] if len(streams) == 1 else streams[self._choose(counter.drawn)]
+        source = self._torch.get(stream.name)
+        if source is not None:
+            batch, stream.epoch, stream.position = source.next_batch(stream.epoch, stream.position)
+            counter.drawn += 1
+            return self._to_device(batch)
         if stream.perm is None or stream.position >= stream.limit:
             self._advance(stream)
         start = stream.position
@@ -221,6 +315,9 @@ class DataProvider(Module):
         """Whole epochs of the first train source used up so far: a pure function of the
         position (the State), so per-epoch schedules step at the same step on resume."""
         stream = self._streams[0]
+        source = self._torch.get(stream.name)
+        if source is not None:
+            return source.epochs_completed(stream.epoch, stream.position)
         if stream.columns is None:
             self._attach(stream)
         return stream.epoch + (1 if stream.position >= stream.limit else 0)
@@ -258,9 +355,17 @@ class DataProvider(Module):
 
     def order(self, name: str, epoch: int) -> torch.Tensor:
         """The sample order of `name` in `epoch`: a pure function of (seed, name, epoch)."""
+        source = self._torch.get(name)
+        if source is not None:
+            return source.order(epoch).to(self.device)
         generator = torch.Generator()
         generator.manual_seed(stable_seed("order", self.seed, name, epoch))
         return torch.randperm(_length(self._load(name)), generator=generator).to(self.device)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=v.is_pinned()) for k, v in batch.items()}
 
     # --- state --------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
