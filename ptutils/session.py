@@ -89,6 +89,7 @@ class Session(Module):
         self._name = name
         self._evaluator.check(data_obj)
         model_obj.check_device(self.plan.device)  # the target device, wherever this build runs
+        data_obj.pin_for(self.plan.device)  # pin_memory auto: pinned batches for CUDA only
         if model_obj.monitor is not None:
             _check_monitor(model_obj.monitor, self._evaluator, self.plan)
             self.callbacks.attach(_FeedMonitor(model_obj))
