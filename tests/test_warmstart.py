@@ -26,8 +26,9 @@ from ptutils.runner import (
 )
 from ptutils.session import Plan
 from ptutils.store.local import LocalStore
-from ptutils.warmstart import initial_state
+from ptutils.warmstart import InitSpec, initial_state, select
 from tests.helpers import assert_bit_identical, corrupt_segment, digits_config, series
+from tests.test_run import ptutils
 
 NET = ("trainer", "model", "network")
 
@@ -143,12 +144,42 @@ def test_from_a_state_dict_file_relative_to_the_config(store, tmp_path, kind):
 
     sha = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
     assert doc["init"]["source"] == {"file": str(tmp_path / name), "sha256": sha}
-    assert doc["init"]["loaded"] == ["layers.7.weight", "layers.7.bias"]
+    assert sorted(doc["init"]["loaded"]) == ["layers.7.bias", "layers.7.weight"]
     net = network(store.load_state(store.get_checkpoint(doc["_id"], 0)))
     source = source_net(store, 20)
     assert torch.equal(net["layers.7.weight"], source["layers.4.weight"])
     assert torch.equal(net["layers.1.weight"], network(cold_state(target_config()))
                        ["layers.1.weight"])
+
+
+def test_rename_rules():
+    src = {n: torch.zeros(1) for n in ("module.enc.0.weight", "module.enc.1.weight",
+                                       "module.head")}
+    tgt = {n: torch.zeros(1) for n in ("backbone.0.weight", "enc.1.weight", "out",
+                                       "net.module.head")}
+    spec = InitSpec.parse({"from": "x.pt", "only": ["module.enc"],
+                           "rename": {"module": "", "module.enc.0": "backbone.0"}})
+    assert list(select(spec, src, tgt)[0]) == ["backbone.0.weight", "enc.1.weight"]
+    spec = InitSpec.parse({"from": "x.pt", "only": ["module.head"],
+                           "rename": {"module.head": "out"}})
+    assert select(spec, src, tgt) == ({"out": src["module.head"]},
+                                      ["module.enc.0.weight", "module.enc.1.weight"])
+    spec = InitSpec.parse({"from": "x.pt", "only": ["*.head"], "rename": {"": "net"}})
+    assert list(select(spec, src, tgt)[0]) == ["net.module.head"]
+
+
+def test_ptutils_run_reads_a_file_relative_to_the_config(store, tmp_path):
+    (tmp_path / "weights").mkdir()
+    export_state_dict(store, "src", 40, tmp_path / "weights" / "net.safetensors")
+    cfg = target_config({"from": "weights/net.safetensors", "only": ["layers.1.*"]},
+                        total_steps=20)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    ptutils("run", str(tmp_path / "exp.yaml"), "--store", str(tmp_path / "runs"), "-q",
+            "--name", "warm", check=True)  # run from the repository's root
+    doc = store.get_session("warm")
+    assert doc["status"] == "completed"
+    assert doc["init"]["source"]["file"] == str(tmp_path / "weights" / "net.safetensors")
+    assert sorted(doc["init"]["loaded"]) == ["layers.1.bias", "layers.1.weight"]
 
 
 # --- the init checkpoint in the life of the session ----------------------------------
