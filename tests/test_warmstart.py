@@ -224,6 +224,32 @@ def test_preempted_and_resumed_warm_start_is_bit_identical(store):
                            store.list_checkpoints(finals[1]["_id"])}
 
 
+def test_a_corrupt_first_chunk_rolls_back_to_the_init_checkpoint(store):
+    """Rollback goes back to the warm start's step 0, not to a cold one: the session
+    completes bit-identical to an uninterrupted run."""
+    cfg = target_config(PARTIAL, total_steps=40)
+    doc, session = prepare_session(store, cfg, "a")
+    assert run_session(store, doc, warm=session).status == "completed"
+
+    doc, session = prepare_session(store, cfg, "b")
+    stop = threading.Event()
+    run_session(store, doc, warm=session, stop_flag=stop,
+                progress=lambda sid, step, loss: step == 20 and stop.set())
+    assert store.get_session("b")["checkpoint"] == {"step": 20, "kind": "chunk"}
+    init = set(store.get_checkpoint(doc["_id"], 0)["segments"])
+    corrupt_segment(store, next(h for h in store.get_checkpoint(doc["_id"], 20)["segments"]
+                                if h not in init))
+    pause_session(store, doc["_id"])
+    assert run_session(store, resume_session(store, "b")).status == "completed"
+
+    b = store.get_session("b")
+    (rollback,) = [e["message"] for e in b["events"] if e["kind"] == "rollback"]
+    assert "step 0 (init)" in rollback
+    states = [store.load_state(store.get_checkpoint(store.get_session(n)["_id"], 40))
+              for n in ("a", "b")]
+    assert_bit_identical(states[0], states[1])
+
+
 def test_export_of_a_warm_start_before_its_first_chunk(store, tmp_path):
     doc, _ = prepare_session(store, target_config(PARTIAL), "warm")
     ckpt = export_state_dict(store, "warm", None, tmp_path / "w.pt")
