@@ -230,7 +230,8 @@ def _start_or_resume(config: str, overrides: tuple[str, ...], name: str | None,
             store.delete_session(store.get_session(name)["_id"])
         except SessionNotFound:
             pass
-    doc, warm = prepare_session(store, cfg, name, resume=resume is not None)
+    doc, warm = prepare_session(store, cfg, name, resume=resume is not None,
+                                base_dir=os.path.dirname(os.path.abspath(config)))
     return doc, warm, store
 
 

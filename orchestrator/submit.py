@@ -7,7 +7,8 @@ task sent. The `.py` files under `imports:` are stored in each session document
 (field `code`), so a worker loads the submitted code from the store, never from its
 own disk. If a send fails, every session this submit created is deleted again: a
 submit queues all of its sessions or none, and no session is ever left queued without
-a message.
+a message. A warm start (`init:`) reads its source here (a file in `prepare`, a
+session of the store in `submit`) and is stored as the session's `init` checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from ptutils.plan import train_task
 from ptutils.runner import load_experiment, validate
 from ptutils.sources import code_for
 from ptutils.store.base import SessionStatus, Store, new_id, new_session_doc
+from ptutils.warmstart import InitSpec, Source, WarmStart, initial_state, read_source
+from ptutils.warmstart import apply as apply_init
+from ptutils.warmstart import create_session as create_warm_session
 from workers.dispatch import DEFAULT_PRIORITY, Route, check_broker, check_priority, send
 
 log = logging.getLogger("ptutils.submit")
@@ -61,6 +65,13 @@ class Prepared:
     threads: int
     code: list[dict[str, str]] = field(default_factory=list)
     """The `.py` files under `imports:` (name, sha256, source), stored with the session."""
+    init: InitSpec | None = None
+    """The config's `init:` (a warm start), checked."""
+    state: dict[str, Any] | None = None
+    """With `init`: the dry-built session's State at step 0, before the warm start."""
+    warm: WarmStart | None = None
+    """With `init`: the warm start, once its source is read (a file: by `prepare`; a
+    session: by `submit`, which has the store)."""
 
 
 def prepare(
@@ -77,8 +88,14 @@ def prepare(
         cfg = load_experiment(path, [*overrides, *combo])
         base = base or cfg.get("name") or Path(path).stem
         session = validate(cfg)
-        prepared.append(Prepared("", cfg, [*overrides, *combo], session.plan.total_steps,
-                                 session.plan.threads, code_for(cfg)))
+        item = Prepared("", cfg, [*overrides, *combo], session.plan.total_steps,
+                        session.plan.threads, code_for(cfg))
+        if cfg.get("init") is not None:
+            item.init = InitSpec.parse(cfg["init"], Path(path).resolve().parent)
+            item.state = initial_state(session)
+            if item.init.file is not None:  # read here, on the submitting machine only
+                item.warm = apply_init(item.init, item.state, read_source(item.init))
+        prepared.append(item)
     for item, label in zip(prepared, sweep_names(str(base), combos)):
         item.name = label
     return prepared
@@ -132,13 +149,18 @@ def submit(
     """Create each session (queued) and send its first Train task; all or nothing."""
     route = Route(queue, check_priority(priority))
     check_names_free(store, prepared)
+    read_warm_starts(store, prepared)
     check_broker(app)
     sweep = new_id() if len(prepared) > 1 else None
     created: list[dict[str, Any]] = []
     done: list[Submitted] = []
     try:
         for item in prepared:
-            doc = store.create_session(_session_doc(item, route, sweep, tags))
+            doc = _session_doc(item, route, sweep, tags)
+            if item.warm is None:
+                doc = store.create_session(doc)
+            else:
+                doc = create_warm_session(store, doc, item.warm, SessionStatus.QUEUED)
             created.append(doc)
             task = train_task(doc)
             if task is not None:
@@ -149,6 +171,20 @@ def submit(
         _undo(store, created)
         raise
     return done
+
+
+def read_warm_starts(store: Store, prepared: Sequence[Prepared]) -> None:
+    """Read the source session of each warm start in `store` (each source once) and
+    apply it: every bad `init.from` fails here, before anything is stored."""
+    sources: dict[tuple[str | None, int | None], Source] = {}
+    for item in prepared:
+        if item.init is None or item.warm is not None:
+            continue
+        assert item.state is not None
+        key = (item.init.session, item.init.step)
+        if key not in sources:
+            sources[key] = read_source(item.init, store)
+        item.warm = apply_init(item.init, item.state, sources[key])
 
 
 def _session_doc(

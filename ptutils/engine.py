@@ -422,6 +422,11 @@ class Engine:
         target, session, rng = self._intact_before(doc, bad_step)
         step = 0 if target is None else int(target["step"])
         what = "is missing" if isinstance(exc, CheckpointNotFound) else "is corrupt"
+        if target is None and doc.get("init"):  # a warm start's step 0 is not the seed's
+            return self._fail(doc, task, CheckpointCorrupt(
+                f"checkpoint at step {bad_step} {what} ({exc}) and so is every one before "
+                "it, down to the warm start's `init` checkpoint at step 0, which the config "
+                "cannot rebuild; start the session again (ptutils submit / run)"))
         message = f"checkpoint at step {bad_step} {what} ({exc}); the session resumes from " + (
             f"the intact checkpoint at step {step} ({target['kind']})"
             if target is not None

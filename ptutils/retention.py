@@ -75,7 +75,8 @@ def retained_steps(
     """(step, kind) of the checkpoints retention keeps (pure function of the store).
 
     Kept: the last `keep_last` steps and the session's step, every `keep_every`-th, the
-    best, the final one, those due an Eval that has not reported yet, and those beyond
+    best, the final one, a warm start's `init` one (step 0 cannot be rebuilt from the
+    config), those due an Eval that has not reported yet, and those beyond
     the session's step younger than `grace` (a chunk may be about to commit one). A
     preempt checkpoint only while it is the session's step; never a corrupt one.
     """
@@ -102,7 +103,7 @@ def retained_steps(
             c["kind"] != str(CheckpointKind.PREEMPT) or c["step"] == current
         ):
             keep.add((c["step"], c["kind"]))
-        if c["kind"] == str(CheckpointKind.FINAL):
+        if c["kind"] in (str(CheckpointKind.FINAL), str(CheckpointKind.INIT)):
             keep.add((c["step"], c["kind"]))
     for c in ckpts:
         if c["step"] > current and float(c.get("created") or 0) > now - grace:

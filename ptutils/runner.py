@@ -32,6 +32,8 @@ from ptutils.rng import get_rng_state
 from ptutils.session import Session
 from ptutils.sources import SourceFile, code_for, looks_like_path
 from ptutils.store.base import SessionStatus, Store, new_session_doc
+from ptutils.warmstart import INIT_CHECKPOINT, warm_start
+from ptutils.warmstart import create_session as create_warm_session
 
 log = logging.getLogger("ptutils.runner")
 
@@ -90,9 +92,14 @@ class Summary:
 
 
 def prepare_session(
-    store: Store, config: dict[str, Any], name: str, *, resume: bool = False
+    store: Store, config: dict[str, Any], name: str, *, resume: bool = False,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], Session | None]:
-    """The session document to run (created, or found for --resume) and a dry-built Session."""
+    """The session document to run (created, or found for --resume) and a dry-built Session.
+
+    A config with `init:` (a warm start) reads its source now (a file relative to
+    `base_dir`, the config's folder) and stores the session with its `init` checkpoint.
+    """
     chash = config_hash(config)
     if resume:
         return resume_session(store, name, config_hash=chash), None
@@ -107,6 +114,7 @@ def prepare_session(
             f"{name}`, or start a new one with `--name NEW_NAME`."
         )
     session = validate(config)
+    warm = warm_start(session, config, store, base_dir)
     import torch
 
     doc = new_session_doc(
@@ -118,7 +126,12 @@ def prepare_session(
         status=SessionStatus.RUNNING,
         meta={"torch": torch.__version__, "threads": session.plan.threads},
     )
-    return store.create_session({**doc, "code": code_for(config)}), session
+    doc = {**doc, "code": code_for(config)}
+    if warm is None:
+        return store.create_session(doc), session
+    doc = create_warm_session(store, doc, warm, SessionStatus.RUNNING)
+    session.load_state_dict(warm.state)  # as a worker would load the init checkpoint
+    return doc, session
 
 
 def resume_session(store: Store, name: str, *, config_hash: str | None = None) -> dict[str, Any]:
@@ -211,7 +224,7 @@ def run_session(
 ) -> Summary:
     """Run every task of the plan until the session is finished (or stopped)."""
     engine = Engine(store, worker=local_worker_id(), progress=progress, stop_flag=stop_flag)
-    if warm is not None and doc["step"] == 0 and not doc.get("checkpoint"):
+    if warm is not None and doc["step"] == 0 and doc.get("checkpoint") in (None, INIT_CHECKPOINT):
         engine.adopt(doc, warm, getattr(warm, "_rng_at_build", None) or get_rng_state())
     started = time.time()
     queue = deque(t for t in [train_task(doc)] if t is not None)

@@ -29,6 +29,7 @@ TOP_LEVEL_KEYS = (
     "data",
     "eval",
     "callbacks",
+    "init",
 )
 """Keys a config file may have at its top level (docs/config.md documents each)."""
 
@@ -49,7 +50,7 @@ class Session(Module):
     weight initialisation draws from the seeded generators.
     """
 
-    lazy_config = ("model", "data", "eval", "callbacks", "session")
+    lazy_config = ("model", "data", "eval", "callbacks", "session", "init")
 
     def __init__(
         self,
@@ -62,7 +63,14 @@ class Session(Module):
         description: str | None = None,
         tags: Sequence[str] = (),
         imports: Sequence[str] = (),
+        init: Mapping[str, Any] | None = None,
     ) -> None:
+        """`init` (a warm start) is checked here but applied when the session is created
+        (ptutils.warmstart): a built Session is always the seeded one."""
+        if init is not None:
+            from ptutils.warmstart import InitSpec
+
+            InitSpec.parse(init)
         self.plan = session if isinstance(session, Plan) else Plan.from_config(session)
         data_obj = (
             data

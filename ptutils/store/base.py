@@ -92,6 +92,9 @@ class CheckpointKind(StrEnum):
     PREEMPT = "preempt"
     BEST = "best"
     FINAL = "final"
+    INIT = "init"
+    """A warm start's step 0 (`init:`): the seeded session with weights loaded into its
+    network. Retention always keeps it."""
 
     def __str__(self) -> str:
         return self.value
@@ -116,10 +119,12 @@ SESSION_FIELDS = (
     "sweep",
     "meta",
     "events",
+    "init",
 )
 """Top-level fields of a session document. `lease` is {"worker", "expires"} or None;
 `checkpoint` is {"step", "kind"} of the latest complete checkpoint or None; `events` is
-the recent history of what happened to the session ({time, kind, message}, newest last)."""
+the recent history of what happened to the session ({time, kind, message}, newest last);
+`init` (warm starts only, see ptutils.warmstart) records where step 0 came from."""
 
 EVENTS_KEPT = 100
 """A session document keeps its last this many events."""
