@@ -87,7 +87,7 @@ def prepare(
     for combo in combos:
         cfg = load_experiment(path, [*overrides, *combo])
         base = base or cfg.get("name") or Path(path).stem
-        session = validate(cfg)
+        session = validate(cfg, place=False)
         item = Prepared("", cfg, [*overrides, *combo], session.plan.total_steps,
                         session.plan.threads, code_for(cfg))
         if cfg.get("init") is not None:

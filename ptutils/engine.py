@@ -507,7 +507,7 @@ class Engine:
 
 
 def build_session(
-    config: dict[str, Any], code: list[dict[str, Any]] | None = None
+    config: dict[str, Any], code: list[dict[str, Any]] | None = None, *, place: bool = True
 ) -> Session:
     """Build a Session from a stored config and its stored session code (`doc["code"]`).
 
@@ -521,7 +521,7 @@ def build_session(
     with registry.session_scope():
         registry.allow_imports(config.get("imports") or [], code=code, from_disk=False)
         check_types(config)
-        return Session.create(config)
+        return Session.create(config, place=place)
 
 
 def _session_of(doc: dict[str, Any]) -> Session:

@@ -61,9 +61,11 @@ def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ())
     return cfg
 
 
-def validate(config: Mapping[str, Any]) -> Session:
-    """Build the session dry on CPU: a bad config fails here, before anything is stored."""
-    session = build_session(dict(config))
+def validate(config: Mapping[str, Any], *, place: bool = True) -> Session:
+    """Build the session dry: a bad config fails here, before anything is stored.
+    `place=False` keeps it on the CPU whatever `session.device` says (`submit` checks a
+    CUDA session on a machine without a GPU; `run` trains the session it builds here)."""
+    session = build_session(dict(config), place=place)
     session.check_shapes()
     # The RNG state a Train[0, K) task starts from. `run_session` adopts this session
     # later, after imports that may draw from the global generators (rich does).

@@ -101,12 +101,12 @@ class Session(Module):
         if model_obj.monitor is not None:
             _check_monitor(model_obj.monitor, self._evaluator, self.plan)
             self.callbacks.attach(_FeedMonitor(model_obj))
-        if self.plan.device != "cpu":
-            model_obj.to(self.plan.device)
 
     @classmethod
-    def create(cls, config: Mapping[str, Any]) -> Session:
-        """Seed every generator from `session.seed`, then build the tree."""
+    def create(cls, config: Mapping[str, Any], *, place: bool = True) -> Session:
+        """Seed every generator from `session.seed`, build the tree, and move the model to
+        the plan's device; `place=False` leaves it on the CPU (a dry build, for `submit` on a
+        machine without that device)."""
         check_keys(config, TOP_LEVEL_KEYS, "config")
         plan = Plan.from_config(config.get("session"))
         apply_determinism(plan)
@@ -115,7 +115,10 @@ class Session(Module):
         # the generators between the seed and the first step
         seed_all(plan.seed)
         kwargs = {k: v for k, v in config.items() if k not in ("session", "data")}
-        return cls(session=plan, data=data, **kwargs)
+        session = cls(session=plan, data=data, **kwargs)
+        if place and plan.device != "cpu":
+            session.model.to(plan.device)
+        return session
 
     @property
     def model(self) -> Model:

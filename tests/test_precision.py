@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from ptutils.engine import Engine
@@ -380,3 +381,18 @@ def test_model_to_config_keeps_the_ptutils_scheduler_keys():
     rebuilt = Model.from_config({k: v for k, v in model.to_config().items() if k != "type"},
                                 where="model")
     assert rebuilt.monitor == "test/loss" and rebuilt.interval == "step"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_submit_checks_a_cuda_session_on_a_machine_without_a_gpu(tmp_path):
+    """`submit` builds every config dry before storing it; a `device: cuda` session is
+    checked on the CPU (the workers have the GPUs), with its amp checked for CUDA."""
+    from orchestrator.submit import prepare
+
+    cfg = digits_config(imports=[], callbacks=[], device="cuda", total_steps=20, chunk_steps=10)
+    cfg["model"]["amp"] = "fp16"
+    path = tmp_path / "cuda.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    [prepared] = prepare(path)
+    assert prepared.config["session"]["device"] == "cuda"
+    assert prepared.config["model"]["amp"] == "fp16"
