@@ -45,6 +45,7 @@ from ptutils.errors import ConfigError, DataError
 Batch = dict[str, torch.Tensor]
 DEFAULT_COLUMNS = ("x", "y")
 _MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -170,22 +171,48 @@ _END = object()
 """The end of an IterableDataset's pass."""
 
 
+def _mix(base: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a pass whose seed is `base` (SplitMix64's
+    finaliser over base + (index + 1) * golden ratio: cheap, and a bijection of index)."""
+    x = (base + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
 class _Indexed(Dataset):  # type: ignore[type-arg]
-    """A map-style dataset read by (epoch or "eval", index) keys, each sample seeded."""
+    """A map-style dataset read by (epoch or "eval", index) keys, each sample seeded from
+    (seed, name, epoch or "eval", index)."""
 
     def __init__(self, dataset: Any, seed: int, name: str) -> None:
         self.dataset, self.seed, self.name = dataset, seed, name
+        self._bases: dict[int | str, int] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def sample_seed(self, tag: int | str, index: int) -> int:
+        base = self._bases.get(tag)
+        if base is None:
+            if len(self._bases) > 64:
+                self._bases.clear()
+            base = self._bases[tag] = stable_seed("sample", self.seed, self.name, tag)
+        return _mix(base, index)
+
     def __getitem__(self, key: tuple[int | str, int]) -> Any:
         tag, index = key
-        with _Seeded(stable_seed("sample", self.seed, self.name, tag, index)):
-            try:
-                return self.dataset[index]
-            except Exception as exc:  # noqa: BLE001 - reported in the main process
-                return _raised(f"dataset[{index}]", exc)
+        seed = self.sample_seed(tag, index)
+        if get_worker_info() is None:  # the training process: keep its RNGs as they were
+            with _Seeded(seed):
+                return self._get(index)
+        _seed_all(seed)  # a loader worker: nothing else draws from its RNGs
+        return self._get(index)
+
+    def _get(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as exc:  # noqa: BLE001 - reported in the main process
+            return _raised(f"dataset[{index}]", exc)
 
 
 class _Iterated(IterableDataset):  # type: ignore[type-arg]
