@@ -196,12 +196,16 @@ class Model(Module):
                 nn.utils.clip_grad_value_(params, self.clip_grad_value)
             if self.clip_grad_norm:
                 nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        stepped = True
         if scaler is not None:
+            scale = scaler.get_scale()  # step() syncs on found_inf anyway: no extra stall
             scaler.step(opt)
             scaler.update()
+            stepped = scaler.get_scale() >= scale  # lowered: inf/NaN gradients, step skipped
         else:
             opt.step()
-        if self.scheduler is not None and self.interval == "step" and self.monitor is None:
+        if stepped and self.scheduler is not None and self.interval == "step" \
+                and self.monitor is None:  # a skipped fp16 step does not advance the schedule
             self.scheduler.step()
         if len(losses) == 1:
             return losses[0]

@@ -4,6 +4,7 @@ LR schedules per step, per epoch or on an eval metric; each resumes bit-identica
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 from typing import Any
 
@@ -396,3 +397,21 @@ def test_submit_checks_a_cuda_session_on_a_machine_without_a_gpu(tmp_path):
     [prepared] = prepare(path)
     assert prepared.config["session"]["device"] == "cuda"
     assert prepared.config["model"]["amp"] == "fp16"
+
+
+def test_a_step_the_fp16_scaler_skips_does_not_advance_a_step_scheduler():
+    """inf/NaN gradients: the GradScaler skips optimizer.step() and halves its scale; the
+    per-step schedule then counts only the optimizer steps that happened."""
+    cfg = config(amp="fp16", dropout=0.0, criterion=SUM_LOSS,
+                 scheduler={"type": "torch.optim.lr_scheduler.StepLR", "step_size": 1,
+                            "gamma": 0.9})
+    session = Session.create(cfg)
+    steps = 12
+    for _ in range(steps):
+        session.trainer.step()
+    scale = session.model.scaler.get_scale()
+    skipped = round(math.log2(65536.0 / scale))  # no growth within 2000 steps: only backoffs
+    assert skipped >= 1, "the summed loss must overflow fp16 at the initial scale"
+    state = session.model.state_dict()
+    assert state["scheduler"]["last_epoch"] == steps - skipped
+    assert state["optimizer"]["state"][0]["step"].item() == steps - skipped
