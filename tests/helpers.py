@@ -77,3 +77,44 @@ def corrupt_segment(store, digest: str) -> None:
     data[len(data) // 2] ^= 0xFF
     fs.delete(meta["_id"])  # same name, same length, one byte flipped
     fs.upload_from_stream_with_id(meta["_id"], digest, bytes(data), metadata=meta.get("metadata"))
+
+
+class StopAfter:
+    """A stop flag that turns on after `n` checks (one check per step)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def run_cut(store: Any, cfg: dict[str, Any], name: str, stop_at: int) -> dict[str, Any]:
+    """Run `cfg` to the end in-process, preempted at `stop_at` and continued by a new
+    Engine (a new process: nothing warm, the State only). Returns the session document."""
+    from collections import deque
+
+    from ptutils.engine import Engine
+    from ptutils.plan import train_task
+    from ptutils.store.base import new_session_doc
+
+    total = cfg["session"]["total_steps"]
+    doc = store.create_session(new_session_doc(name, cfg, "h", total))
+    engine = Engine(store)
+    queue = deque([train_task(doc)])
+    preempted = False
+    while queue:
+        task = queue.popleft()
+        if task.kind == "train" and not preempted and task.start <= stop_at < task.stop:
+            engine.stop_flag = StopAfter(stop_at - task.start)
+            out = engine.run(task)
+            assert out.step == stop_at
+            assert store.get_checkpoint(doc["_id"], stop_at, "preempt")
+            engine = Engine(store)
+            preempted = True
+        else:
+            out = engine.run(task)
+        queue.extend(out.successors)
+    assert preempted
+    return doc

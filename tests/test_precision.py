@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
 from typing import Any
 
 import pytest
@@ -13,18 +12,15 @@ import torch
 import yaml
 from torch import nn
 
-from ptutils.engine import Engine
 from ptutils.errors import ConfigError
 from ptutils.model import Model
-from ptutils.plan import train_task
 from ptutils.runner import run_session
 from ptutils.session import Session
 from ptutils.store import open_store
 from ptutils.store.base import new_session_doc
 from ptutils.store.local import LocalStore
-from tests.helpers import assert_bit_identical, digits_config, series
+from tests.helpers import assert_bit_identical, digits_config, run_cut, series
 from tests.test_run import ptutils, write
-from tests.test_trainer import StopAfter
 
 
 def config(*, dropout: float = 0.2, **model: Any) -> dict[str, Any]:
@@ -34,30 +30,6 @@ def config(*, dropout: float = 0.2, **model: Any) -> dict[str, Any]:
     cfg["model"]["network"]["dropout"] = dropout
     cfg["model"].update(model)
     return cfg
-
-
-def run_cut(store: LocalStore, cfg: dict[str, Any], name: str, stop_at: int) -> dict:
-    """Run `cfg` to the end, preempted at `stop_at` and continued by a new process (an
-    Engine with nothing warm: the State only)."""
-    total = cfg["session"]["total_steps"]
-    doc = store.create_session(new_session_doc(name, cfg, "h", total))
-    engine = Engine(store)
-    queue = deque([train_task(doc)])
-    preempted = False
-    while queue:
-        task = queue.popleft()
-        if task.kind == "train" and not preempted and task.start <= stop_at < task.stop:
-            engine.stop_flag = StopAfter(stop_at - task.start)
-            out = engine.run(task)
-            assert out.step == stop_at
-            assert store.get_checkpoint(doc["_id"], stop_at, "preempt")
-            engine = Engine(store)
-            preempted = True
-        else:
-            out = engine.run(task)
-        queue.extend(out.successors)
-    assert preempted
-    return doc
 
 
 def run_whole(store: LocalStore, cfg: dict[str, Any], name: str) -> dict:

@@ -3,27 +3,18 @@ was stopped, so a run preempted between two log points resumes bit-identical."""
 
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 
-from ptutils.engine import Engine
-from ptutils.plan import train_task
 from ptutils.runner import run_session
 from ptutils.store.base import new_session_doc
 from ptutils.store.local import LocalStore
-from tests.helpers import assert_bit_identical, digits_config, series
-
-
-class StopAfter:
-    """A stop flag that turns on after `n` checks (one check per step)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def is_set(self) -> bool:
-        self.n -= 1
-        return self.n < 0
+from tests.helpers import (
+    StopAfter,  # noqa: F401 - re-exported for older imports
+    assert_bit_identical,
+    digits_config,
+    run_cut,
+    series,
+)
 
 
 def _final(store, sid):
@@ -37,23 +28,7 @@ def test_preempted_between_log_points_resumes_bit_identical(tmp_path, stop_at):
     with LocalStore(tmp_path / "runs") as store:
         ref = store.create_session(new_session_doc("ref", cfg, "h", 60))
         run_session(store, ref)
-        doc = store.create_session(new_session_doc("cut", cfg, "h", 60))
-        engine = Engine(store)
-        queue = deque([train_task(doc)])
-        preempted = False
-        while queue:
-            task = queue.popleft()
-            if task.kind == "train" and not preempted and task.start <= stop_at < task.stop:
-                engine.stop_flag = StopAfter(stop_at - task.start)
-                out = engine.run(task)
-                assert out.step == stop_at
-                assert store.get_checkpoint(doc["_id"], stop_at, "preempt")
-                engine = Engine(store)  # a new process: nothing warm, the State only
-                preempted = True
-            else:
-                out = engine.run(task)
-            queue.extend(out.successors)
-        assert preempted
+        doc = run_cut(store, cfg, "cut", stop_at)
         want_state, want_stats = _final(store, ref["_id"])
         got_state, got_stats = _final(store, doc["_id"])
         assert_bit_identical(want_state, got_state)
