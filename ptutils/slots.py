@@ -4,7 +4,11 @@ A slot is one device a session's rank runs on: a GPU (device id "0", "1", ...) o
 a CPU node, one of `--slots N` CPU slots (device id ""). `NodeSlots` hands them out to
 the worker processes of a node through one JSON file under a node-wide directory
 (`$PTUTILS_SLOTS_DIR`, default `/tmp/ptutils-slots-UID`), read and written under an
-exclusive `fcntl.flock`, so two processes never hold the same slot. Each held slot
+exclusive `fcntl.flock`, so two processes never hold the same slot. GPU slots are
+named by their device: every `ptutils worker` on the machine shares them, and two
+never put sessions on one GPU. CPU slots are a capacity each `ptutils worker` declares
+(`--slots`), named after it (`SCOPE/cpu0`): its own processes share them, and two
+launchers on one machine have separate ones, as they have separate processes. Each held slot
 records its owner (a session id), the holder's pid and that process's start time: a
 slot whose holder died (SIGKILL, OOM) is free again at the next acquire, with no
 cleanup step; the kernel drops the lock of a killed process by itself.
@@ -70,9 +74,10 @@ class Slot:
         return f"gpu{self.device}" if self.device else self.name
 
 
-def cpu_slots(n: int) -> list[Slot]:
-    """`n` CPU slots: cpu0 .. cpu{n-1}, device ""."""
-    return [Slot(f"cpu{i}", "") for i in range(n)]
+def cpu_slots(n: int, scope: str = "") -> list[Slot]:
+    """`n` CPU slots, device "": cpu0 .. cpu{n-1}, or SCOPE/cpu0 ... (a launcher's own)."""
+    prefix = f"{scope}/" if scope else ""
+    return [Slot(f"{prefix}cpu{i}", "") for i in range(n)]
 
 
 def gpu_slots(devices: Sequence[str], per_device: int = 1) -> list[Slot]:
@@ -82,17 +87,20 @@ def gpu_slots(devices: Sequence[str], per_device: int = 1) -> list[Slot]:
 
 
 def spec_of(slots: Sequence[Slot]) -> str:
-    """`cpu:4`, or `gpu:0,0,1,1` (a GPU once per slot): what $PTUTILS_SLOTS carries."""
+    """`cpu:4` (`cpu:4@SCOPE`), or `gpu:0,0,1,1` (a GPU once per slot): what
+    $PTUTILS_SLOTS carries."""
     if all(not s.device for s in slots):
-        return f"cpu:{len(slots)}"
+        scope = slots[0].name.rpartition("/")[0] if slots else ""
+        return f"cpu:{len(slots)}" + (f"@{scope}" if scope else "")
     return "gpu:" + ",".join(s.device for s in slots)
 
 
 def parse_spec(spec: str) -> list[Slot]:
-    """The slots of a `cpu:N` / `gpu:ID,ID,...` spec; ValueError if it is neither."""
+    """The slots of a `cpu:N[@SCOPE]` / `gpu:ID,ID,...` spec; ValueError otherwise."""
     kind, _, rest = spec.strip().partition(":")
-    if kind == "cpu" and rest.isdigit() and int(rest) >= 1:
-        return cpu_slots(int(rest))
+    count, _, scope = rest.partition("@")
+    if kind == "cpu" and count.isdigit() and int(count) >= 1:
+        return cpu_slots(int(count), scope)
     if kind == "gpu" and rest:
         ids = [d.strip() for d in rest.split(",") if d.strip()]
         counts: dict[str, int] = {}

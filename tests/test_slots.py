@@ -186,6 +186,15 @@ def test_gpu_slots_home_gpu_for_one_rank_whole_gpus_for_several(tmp_path):
         parse_spec("cpu:zero")
 
 
+def test_launchers_share_gpus_but_not_cpu_slots(tmp_path):
+    first, second = NodeSlots(cpu_slots(1, "l1"), tmp_path), NodeSlots(cpu_slots(1, "l2"),
+                                                                       tmp_path)
+    assert first.acquire(1, "a") == [""] and second.acquire(1, "b") == [""]
+    gpu_a, gpu_b = (NodeSlots(gpu_slots(["0"]), tmp_path, home="0") for _ in range(2))
+    assert gpu_a.acquire(1, "a") == ["0"]
+    assert gpu_b.acquire(1, "b") is None, "one GPU, whichever launcher asks"
+
+
 def test_worker_slots_hand_the_reserved_slots_to_the_engine(tmp_path):
     node = NodeSlots(cpu_slots(3), tmp_path)
     view = WorkerSlots(node)
@@ -205,15 +214,16 @@ def test_launcher_offers_its_slots_and_consumes_every_size_up_to_them(monkeypatc
     opts = WorkerOptions(queues=["train", "eval", "save", "train-big"], slots=4, name="n")
     children = plan_slots(opts)
     assert [c.name for c in children] == ["n-cpu0", "n-cpu1", "n-cpu2", "n-cpu3"]
-    node = node_slots(opts, children)
-    assert node == cpu_slots(4)
+    node = node_slots(opts, children, "launcher-7")
+    assert [s.name for s in node] == [f"launcher-7/cpu{i}" for i in range(4)]
+    assert parse_spec(spec_of(node)) == node
     cmd = child_command(opts, children[0], 4)
     assert cmd[cmd.index("--queues") + 1].split(",") == [
         "train", "train-x2", "train-x3", "train-x4", "eval", "save",
         "train-big", "train-big-x2", "train-big-x3", "train-big-x4"]
     env = child_env(WorkerOptions(slots_dir="/var/run/x"), children[1], node)
     assert (env["PTUTILS_SLOTS"], env["PTUTILS_HOME_DEVICE"], env["PTUTILS_SLOTS_DIR"]) == (
-        "cpu:4", "", "/var/run/x")
+        "cpu:4@launcher-7", "", "/var/run/x")
     two = WorkerOptions(concurrency=2, slots=4, name="n")  # 2 processes, 4 slots
     assert len(plan_slots(two)) == 2 and len(node_slots(two, plan_slots(two))) == 4
     gpus = WorkerOptions(gpus="0,1", name="g")
@@ -372,7 +382,7 @@ def test_a_four_slot_node_runs_one_two_rank_and_two_one_rank_sessions_at_once(
         wait_for(all_running, 90, "the three sessions to run at once", alive=node)
         held = json.loads((slot_dir / "slots.json").read_text())["held"]
         owners = sorted(v["owner"] for v in held.values())
-        assert sorted(held) == ["cpu0", "cpu1", "cpu2", "cpu3"]
+        assert sorted(k.rpartition("/")[2] for k in held) == ["cpu0", "cpu1", "cpu2", "cpu3"]
         assert owners == sorted([ids["pair"], ids["pair"], ids["one"], ids["two"]])
         devices = {n: store.get_session(i)["lease"]["devices"] for n, i in ids.items()}
         assert devices == {"pair": ["", ""], "one": [""], "two": [""]}

@@ -178,13 +178,14 @@ def plan_slots(opts: WorkerOptions, gpus: list[str] | None = None) -> list[Slot]
     return slots
 
 
-def node_slots(opts: WorkerOptions, children: list[Slot]) -> list[NodeSlot]:
+def node_slots(opts: WorkerOptions, children: list[Slot], scope: str = "") -> list[NodeSlot]:
     """The slots this node offers: one per GPU (one per process on it, with several per
-    GPU), or `--slots` CPU slots (default one per process)."""
+    GPU), or `--slots` CPU slots (default one per process), named in `scope` (this
+    launcher's own: ptutils.slots)."""
     gpus = [c.cuda_visible_devices for c in children if c.cuda_visible_devices]
     if gpus:
         return gpu_slots(list(dict.fromkeys(gpus)), opts.concurrency or 1)
-    return cpu_slots(opts.slots or len(children))
+    return cpu_slots(opts.slots or len(children), scope)
 
 
 def child_queues(opts: WorkerOptions, capacity: int) -> list[str]:
@@ -259,7 +260,7 @@ class Launcher:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
         self.slots = plan_slots(opts)
-        self.node = node_slots(opts, self.slots)
+        self.node = node_slots(opts, self.slots, f"launcher-{os.getpid()}")
         self.capacity = len({s.unit for s in self.node})
         log.info("this node offers %d slot(s) (%s); queues %s", len(self.node),
                  spec_of(self.node), ",".join(child_queues(opts, self.capacity)))
