@@ -175,9 +175,9 @@ class NodeSlots:
 
     @classmethod
     def from_env(cls) -> NodeSlots:
-        """The slots the launcher gave this process ($PTUTILS_SLOTS, default one CPU
-        slot), in $PTUTILS_SLOTS_DIR, with $PTUTILS_HOME_DEVICE."""
-        spec = os.environ.get(SLOTS_ENV) or "cpu:1"
+        """The slots the launcher gave this process ($PTUTILS_SLOTS; without it, one CPU
+        slot of its own), in $PTUTILS_SLOTS_DIR, with $PTUTILS_HOME_DEVICE."""
+        spec = os.environ.get(SLOTS_ENV) or f"cpu:1@process-{os.getpid()}"
         return cls(parse_spec(spec), home=os.environ.get(HOME_ENV) or None)
 
     @property

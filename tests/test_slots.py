@@ -269,6 +269,8 @@ def test_a_train_task_without_free_slots_goes_back_without_a_lease(tmp_path):
     assert after["meta"]["slot_wait"]["slots"] == 2 and after["updated"] > doc["updated"]
     assert list(node.holders()) == ["cpu0"], "nothing held after the wait"
     assert ctx.route(doc["_id"]).queue == "train-x2"
+    stale = ctx._train(Task(TRAIN, doc["_id"], "old-token", start=0, stop=20))
+    assert stale.retry_after is None and "stale" in stale.reason, "dropped, not re-sent"
     small = NodeSlots(cpu_slots(1), tmp_path / "small")
     assert "for a larger node" in WorkerContext(store, "v", lease_ttl=5, slots=small)._train(
         task).reason

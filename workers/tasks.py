@@ -148,6 +148,9 @@ class WorkerContext:
     def _train(self, task: Task) -> Outcome:
         """A Train chunk on `world_size` slots of this node, taken before the lease (so
         waiting for them is not an attempt) and freed when the chunk returns."""
+        doc = self.store.get_session(task.session)
+        if doc["token"] != task.token or int(doc["step"]) != task.start:
+            return self.engine.run(task)  # stale: the engine says why and does nothing
         n = self.world_size(task.session)
         if self.slots.reserve(n, task.session) is None:
             return self._wait_for_slots(task, n)
