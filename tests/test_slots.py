@@ -295,6 +295,21 @@ def test_submit_routes_by_world_size_and_reconcile_requeues_to_the_same_queue(
     assert (queue_depth(app, "train-x2"), queue_depth(app, "train")) == (1, 1)
 
 
+def test_reconcile_requeues_an_expired_lease_that_lists_devices_on_its_queue(
+        mongo_store, redis_url):
+    app = make_app(redis_url)
+    cfg = {"session": {"total_steps": 60, "chunk_steps": 20}}  # routed by meta.queue
+    doc = mongo_store.create_session(new_session_doc("pair", cfg, "h", 60,
+                                                     meta={"queue": "train-x2"}))
+    past = mongo_store.now() - 30
+    mongo_store.cas_session(doc["_id"], {}, {"lease": {"worker": "dead@host:1",
+                                                       "expires": past, "devices": ["", ""]}})
+    (done,) = reconciler(mongo_store, app).run()
+    assert "expired" in done.reason and [t.start for t in done.tasks] == [0]
+    assert queue_depth(app, "train-x2") == 1 and queue_depth(app, "train") == 0
+    assert mongo_store.get_session(doc["_id"])["lease"] is None
+
+
 @needs_world_size
 def test_a_one_slot_worker_leaves_a_two_rank_session_to_a_two_slot_worker(
         tmp_path, redis_url):
