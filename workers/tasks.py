@@ -119,11 +119,7 @@ class WorkerContext:
         known = self._routes.get(session_id)
         if known is None:
             doc = self.store.get_session(session_id)
-            try:
-                size = world_size_of(doc)
-            except ConfigError:
-                size = 1  # the engine fails the session, naming the key
-            known = (Route.of(doc), size)
+            known = (Route.of(doc), _world_size(doc))
             if len(self._routes) > 1000:
                 self._routes.clear()
             self._routes[session_id] = known
@@ -151,7 +147,7 @@ class WorkerContext:
         doc = self.store.get_session(task.session)
         if doc["token"] != task.token or int(doc["step"]) != task.start:
             return self.engine.run(task)  # stale: the engine says why and does nothing
-        n = self.world_size(task.session)
+        n = _world_size(doc)
         if self.slots.reserve(n, task.session) is None:
             return self._wait_for_slots(task, n)
         self._marked = None
@@ -207,6 +203,13 @@ class WorkerContext:
             except PtutilsError as exc:
                 log.error("%s was not enqueued (%s); `ptutils reconcile` will requeue it",
                           task, exc)
+
+
+def _world_size(doc: dict[str, Any]) -> int:
+    try:
+        return world_size_of(doc)
+    except ConfigError:
+        return 1  # the engine fails the session, naming the key
 
 
 def _log_outcome(outcome: Outcome) -> None:
