@@ -78,8 +78,17 @@ def _csv(value: str) -> list[str]:
 @click.option("--gpus", default="all", show_default=True, metavar="all|none|0,1,...",
               help="One worker process per GPU, pinned with CUDA_VISIBLE_DEVICES; `none` (or "
                    "no GPU found) runs --concurrency CPU workers.")
-@click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
-              help="Worker processes per GPU, or in all on a CPU-only machine.")
+@click.option("--concurrency", "-c", default=None, type=click.IntRange(1),
+              help="Worker processes per GPU (default 1), or in all on a CPU-only machine "
+                   "(default: --slots).")
+@click.option("--slots", default=None, type=click.IntRange(1), metavar="N",
+              help="CPU slots this node offers to sessions (a session of world_size N takes "
+                   "N; default: one per process). On GPUs the slots are the GPUs. The node "
+                   "takes sessions of every size up to its slot count (queues train, "
+                   "train-x2, ...).")
+@click.option("--slots-dir", default=None, envvar="PTUTILS_SLOTS_DIR", metavar="DIR",
+              help="Where the node's slot file lives, shared by every `ptutils worker` on "
+                   "this machine (default: $TMPDIR/ptutils-slots-UID).")
 @click.option("--name", default=None, metavar="NAME",
               help="Worker name prefix; processes are NAME-gpu0@HOST, NAME-cpu0@HOST, ... "
                    "(default ptutils-PID: each `ptutils worker` on a host has its own names).")
@@ -102,7 +111,8 @@ def _csv(value: str) -> list[str]:
 @allow_imports_option(apply=False)
 @trust_session_code_option
 @handle_errors
-def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_url: str | None,
+def worker(queues: str, gpus: str, concurrency: int | None, slots: int | None,
+           slots_dir: str | None, name: str | None, broker_url: str | None,
            store_url: str | None, grace: float, lease_ttl: float, reconcile_every: float,
            stall_after: float | None, loglevel: str, events: bool,
            allow_imports: tuple[str, ...], trust_session_code: bool) -> None:
@@ -114,7 +124,7 @@ def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_ur
     again to exit at once. A worker that dies is restarted; its session continues from
     its last checkpoint after its lease (--lease-ttl) expires.
     """
-    from workers.launcher import WorkerOptions, parse_gpus, run_workers
+    from workers.launcher import WorkerOptions, node_gpus, parse_gpus, plan_slots, run_workers
 
     try:
         parse_gpus(gpus)
@@ -123,11 +133,15 @@ def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_ur
     if name is not None and (not name or "@" in name):
         raise click.BadParameter("a name without '@'", param_hint="--name")
     opts = WorkerOptions(
-        queues=_csv(queues), gpus=gpus, concurrency=concurrency, name=name,
-        broker=broker_url, store=store_url, grace=grace, lease_ttl=lease_ttl,
+        queues=_csv(queues), gpus=gpus, concurrency=concurrency, slots=slots,
+        slots_dir=slots_dir, name=name, broker=broker_url, store=store_url, grace=grace, lease_ttl=lease_ttl,
         reconcile_every=reconcile_every, stall_after=stall_after, loglevel=loglevel,
         events=events, allow_imports=allow_imports, trust_session_code=trust_session_code,
     )
+    try:
+        plan_slots(opts, node_gpus(opts))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--slots") from exc
     sys.exit(run_workers(opts))
 
 
@@ -139,7 +153,8 @@ def worker(queues: str, gpus: str, concurrency: int, name: str | None, broker_ur
               help="Submit one session per value (repeatable: the grid of all sweeps), "
                    "grouped by a sweep id.")
 @click.option("--queue", default="train", show_default=True,
-              help="Queue of the session's Train tasks (workers started with -Q QUEUE).")
+              help="Queue of the session's Train tasks (workers started with -Q QUEUE); a "
+                   "session of world_size N > 1 goes to QUEUE-xN.")
 @click.option("--priority", default=5, show_default=True, type=click.IntRange(0, 9),
               help="0..9, higher runs sooner.")
 @click.option("--name", default=None,
@@ -175,7 +190,8 @@ def submit(config: str, overrides: tuple[str, ...], sweeps: tuple[str, ...], que
     for d in done:
         click.echo(f"{d.session}  {d.name}")
     if done and done[0].sweep:
-        click.echo(f"sweep {done[0].sweep}: {len(done)} sessions queued on {queue}")
+        queues = ", ".join(dict.fromkeys(d.queue for d in done))
+        click.echo(f"sweep {done[0].sweep}: {len(done)} sessions queued on {queues}")
 
 
 @click.command()

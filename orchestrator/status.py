@@ -10,6 +10,7 @@ from typing import Any
 
 from ptutils.errors import OrchestratorError, PtutilsError
 from ptutils.plan import pending_eval_steps
+from ptutils.slots import world_size_of
 from ptutils.store.base import CheckpointKind, SessionStatus, Store, new_id
 
 CANCEL_ATTEMPTS = 20
@@ -59,7 +60,9 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
     """What `status` shows of one session (also its --json form).
 
     `status` is the stored status, `state` what is true now (see STATES); `now` is the
-    store's clock, by which leases are judged.
+    store's clock, by which leases are judged. `world_size`: the slots the session
+    needs; `devices`: the device ids a running session holds (`lease.devices`: "" for
+    a CPU slot, "0", "1", ... for GPUs), None when it does not run.
     """
     now = store.now() if now is None else now
     sid, step = doc["_id"], int(doc["step"])
@@ -86,6 +89,8 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
         "eval_step": eval_step,
         "eval": last_eval,
         "worker": lease.get("worker") if state == "running" else None,
+        "world_size": _world_size(doc),
+        "devices": list(lease.get("devices") or []) if state == "running" else None,
         "attempts": int(doc.get("attempts") or 0),
         "sweep": doc.get("sweep"),
         "created": float(doc.get("created") or 0),
@@ -93,6 +98,13 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
         "updated_ago": now - float(doc.get("updated") or now),
         "error": error.get("message"),
     }
+
+
+def _world_size(doc: dict[str, Any]) -> int:
+    try:
+        return world_size_of(doc)
+    except PtutilsError:
+        return 1  # a bad value: the worker fails the session, naming the key
 
 
 def _stored_statuses(state: str) -> list[str]:

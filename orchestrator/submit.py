@@ -7,7 +7,8 @@ task sent. The `.py` files under `imports:` are stored in each session document
 (field `code`), so a worker loads the submitted code from the store, never from its
 own disk. If a send fails, every session this submit created is deleted again: a
 submit queues all of its sessions or none, and no session is ever left queued without
-a message. A warm start (`init:`) reads its source here (a file in `prepare`, a
+a message. A session of `session.world_size` N > 1 is queued on `QUEUE-xN` (ptutils.slots:
+only nodes with N slots or more consume it), recorded as its route (`meta.queue`). A warm start (`init:`) reads its source here (a file in `prepare`, a
 session of the store in `submit`) and is stored as the session's `init` checkpoint.
 """
 
@@ -28,6 +29,7 @@ from ptutils.config import config_hash, expand_sweep
 from ptutils.errors import BrokerUnavailable, SessionExists, SessionNotFound, StoreError
 from ptutils.plan import train_task
 from ptutils.runner import load_experiment, validate
+from ptutils.slots import train_queue, world_size_of
 from ptutils.sources import code_for
 from ptutils.store.base import SessionStatus, Store, new_id, new_session_doc
 from ptutils.warmstart import InitSpec, Source, WarmStart, initial_state, read_source
@@ -146,8 +148,10 @@ def submit(
     priority: int = DEFAULT_PRIORITY,
     tags: Sequence[str] = (),
 ) -> list[Submitted]:
-    """Create each session (queued) and send its first Train task; all or nothing."""
-    route = Route(queue, check_priority(priority))
+    """Create each session (queued) and send its first Train task; all or nothing.
+
+    `queue`: the train queue; a session of world size N > 1 goes to `queue-xN`."""
+    check_priority(priority)
     check_names_free(store, prepared)
     read_warm_starts(store, prepared)
     check_broker(app)
@@ -156,6 +160,7 @@ def submit(
     done: list[Submitted] = []
     try:
         for item in prepared:
+            route = Route(train_queue(queue, world_size_of(item.config)), priority)
             doc = _session_doc(item, route, sweep, tags)
             if item.warm is None:
                 doc = store.create_session(doc)
@@ -204,6 +209,7 @@ def _session_doc(
             "torch": torch.__version__,
             "threads": item.threads,
             "queue": route.queue,
+            "world_size": world_size_of(item.config),
             "priority": route.priority,
             "overrides": item.overrides,
             "submitted_by": _who(),

@@ -3,7 +3,9 @@
 Names get the room first. A name too long for it is cut in the middle, keeping the part
 that tells it apart: a sweep member keeps its values (`digits-…lr=0.1,batch_size=32`),
 other names their common start cut away. Narrow terminals drop the worker and id
-columns (`--json` has everything); errors go below the table, one line each.
+columns (`--json` has everything); errors go below the table, one line each. A
+`devices` column appears when a session runs on more than one CPU slot or on GPUs
+(`cpu×2`, `gpu0,1`), or waits for several (`2×`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from typing import Any
+
+from ptutils.slots import describe_devices
 
 COLORS = {"completed": "green", "failed": "red", "running": "cyan", "queued": "yellow",
           "waiting": "yellow", "preempted": "yellow", "lost": "red", "cancelled": "magenta",
@@ -112,7 +116,17 @@ def _clip(text: str, width: int) -> str:
     return line if len(line) <= width else line[: max(1, width - 1)] + "…"
 
 
-def _cells(rows: Sequence[dict[str, Any]], width: int) -> tuple[list[str], list[list[str]]]:
+def devices_cell(row: dict[str, Any], *, ascii_only: bool = False) -> str:
+    """`cpu×2` / `gpu0,1`: the slots a running session holds; `2×` for a session of
+    world size 2 that does not run; "" for one that needs a single slot."""
+    text = describe_devices(row.get("devices"))
+    if not text and int(row.get("world_size") or 1) > 1:
+        text = f"{row['world_size']}×"
+    return text.replace("×", "x") if ascii_only else text
+
+
+def _cells(rows: Sequence[dict[str, Any]], width: int, ascii_only: bool = False
+           ) -> tuple[list[str], list[list[str]]]:
     """Headers and cell texts of every column but the name, for a terminal `width`."""
     metrics = {headline_name(r) for r in rows} - {None}
     one_metric = len(metrics) == 1
@@ -123,6 +137,10 @@ def _cells(rows: Sequence[dict[str, Any]], width: int) -> tuple[list[str], list[
         ["" if r["loss"] is None else f"{r['loss']:.4g}" for r in rows],
         [headline_metric(r, with_name=not one_metric) for r in rows],
     ]
+    devices = [devices_cell(r, ascii_only=ascii_only) for r in rows]
+    if any(d not in ("", "cpu") for d in devices):
+        headers.insert(1, "devices")
+        columns.insert(1, devices)
     if width >= WORKER_FROM:
         headers.append("worker")
         columns.append([short_worker(r["worker"] or "") for r in rows])
@@ -147,7 +165,7 @@ def status_table(rows: Sequence[dict[str, Any]], width: int | None = None, *,
         from rich.console import Console
 
         width = Console().width
-    headers, columns = _cells(rows, width)
+    headers, columns = _cells(rows, width, ascii_only)
     natural = [max([len(h), *map(len, col)]) for h, col in zip(headers, columns)]
     names = fitted_names(rows, width - GAP * len(headers) - sum(natural))
     rule = box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)

@@ -90,6 +90,7 @@ class Engine:
         stop_flag: threading.Event | None = None,
         gc_every: float = GC_EVERY_S,
         gc_grace: float = GC_GRACE_S,
+        slots: Any = None,
     ) -> None:
         """`gc_every`: seconds between store-wide garbage collections (run from Save);
         `gc_grace`: the age below which nothing unreferenced is collected."""
@@ -100,6 +101,7 @@ class Engine:
         self.stop_flag = stop_flag or threading.Event()
         self.gc_every = gc_every
         self.gc_grace = gc_grace
+        self.slots = slots  # acquire(n, owner) / release(owner): ptutils.slots (issue 10)
         self._warm: _Warm | None = None
         isolate_library_rngs()  # the store's client is imported by now
 

@@ -269,8 +269,7 @@ class Reconciler:
         update = {"lease": None, "status": str(SessionStatus.QUEUED)} if train else {}
         claimed = self.store.cas_session(  # win the right to requeue
             doc["_id"],
-            {"token": doc["token"], "lease": doc.get("lease"),
-             "requeued_at": doc.get("requeued_at")},
+            {"token": doc["token"], **_same_lease(doc), "requeued_at": doc.get("requeued_at")},
             {**update, "requeued_at": now},
         )
         if claimed is None:
@@ -293,6 +292,16 @@ class Reconciler:
         log.warning("reconcile: %s (%s): %s; requeued %s", doc["name"], doc["_id"][:8],
                     reason, ", ".join(map(str, sent)))
         return Requeue(doc["_id"], doc["name"], reason, sent)
+
+
+def _same_lease(doc: dict[str, Any]) -> dict[str, Any]:
+    """The CAS expectation that the session's lease is still the one read: its holder
+    and expiry (not the whole sub-document: it carries `devices`, a list, which the
+    MongoDB stand-in of the tests does not match inside an embedded document)."""
+    lease = doc.get("lease")
+    if not lease:
+        return {"lease": None}
+    return {"lease.worker": lease.get("worker"), "lease.expires": lease.get("expires")}
 
 
 def _last_requeue(doc: dict[str, Any]) -> float:

@@ -16,7 +16,12 @@ nothing is forked after CUDA is initialised). The launcher
   `--trust-session-code`, see ptutils.policy) in their environment;
 - runs a light reconcile loop in its first child (`reconcile_every`, 0 = off), so the
   session of a lost worker continues within lease TTL + a few seconds with no extra
-  process to deploy.
+  process to deploy;
+- offers the node's slots (ptutils.slots): its GPUs, or `--slots N` CPU slots (default:
+  one per process). Every child may take any of them through the node's slot file, and
+  consumes the train queues of every world size up to the node's capacity (`train`,
+  `train-x2`, ..., `train-xS`): a 2-rank session and two 1-rank ones run side by side
+  on a 4-slot node, and a session too large for the node never reaches it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+
+from ptutils.protocol import EVAL, QUEUES, SAVE
+from ptutils.slots import (
+    HOME_ENV,
+    SLOTS_DIR_ENV,
+    SLOTS_ENV,
+    cpu_slots,
+    gpu_slots,
+    spec_of,
+    train_queues,
+)
+from ptutils.slots import Slot as NodeSlot
 
 log = logging.getLogger("ptutils.launcher")
 
@@ -54,7 +71,12 @@ class WorkerOptions:
 
     queues: Sequence[str] = ("train", "eval", "save")
     gpus: str = "all"
-    concurrency: int = 1
+    concurrency: int | None = None
+    """Processes per GPU (default 1), or in all on CPU (default: --slots, else 1)."""
+    slots: int | None = None
+    """CPU slots this node offers (default: one per process); on GPUs, its GPU count."""
+    slots_dir: str | None = None
+    """Directory of the node's slot file ($PTUTILS_SLOTS_DIR, ptutils.slots.default_dir)."""
     name: str | None = None  # node name prefix; None: default_name()
     broker: str | None = None
     store: str | None = None
@@ -122,33 +144,65 @@ def default_name() -> str:
     return f"ptutils-{os.getpid()}"
 
 
-def plan_slots(opts: WorkerOptions) -> list[Slot]:
-    """The child workers to run: `concurrency` per GPU, or `concurrency` on CPU."""
-    if opts.concurrency < 1:
-        raise ValueError("--concurrency must be at least 1")
-    prefix = opts.name or default_name()
+def node_gpus(opts: WorkerOptions) -> list[str]:
+    """The GPUs this launcher uses: `--gpus`, or the ones detected."""
     gpus = parse_gpus(opts.gpus)
-    if gpus is None:
-        gpus = detect_gpus()
-        if not gpus:
-            log.info("no GPU found: starting %d CPU worker(s)", opts.concurrency)
+    return detect_gpus() if gpus is None else gpus
+
+
+def plan_slots(opts: WorkerOptions, gpus: list[str] | None = None) -> list[Slot]:
+    """The child workers to run: `concurrency` per GPU, or `concurrency` on CPU (default:
+    one per CPU slot)."""
+    if opts.concurrency is not None and opts.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    if opts.slots is not None and opts.slots < 1:
+        raise ValueError("--slots must be at least 1")
+    prefix = opts.name or default_name()
+    gpus = node_gpus(opts) if gpus is None else gpus
     slots: list[Slot] = []
     if gpus:
+        if opts.slots is not None and opts.slots != len(gpus):
+            raise ValueError(f"--slots {opts.slots}: on a GPU node the slots are its GPUs "
+                             f"({len(gpus)} here); choose them with --gpus")
+        per = opts.concurrency or 1
         for gpu in gpus:
-            for i in range(opts.concurrency):
-                suffix = f"-{i}" if opts.concurrency > 1 else ""
+            for i in range(per):
+                suffix = f"-{i}" if per > 1 else ""
                 slots.append(Slot(f"{prefix}-gpu{gpu}{suffix}", gpu, len(slots)))
     else:
-        for i in range(opts.concurrency):
+        count = opts.concurrency or opts.slots or 1
+        if opts.gpus.strip().lower() == "all":
+            log.info("no GPU found: starting %d CPU worker(s)", count)
+        for i in range(count):
             slots.append(Slot(f"{prefix}-cpu{i}", "", len(slots)))
     return slots
 
 
-def child_command(opts: WorkerOptions, slot: Slot) -> list[str]:
-    """The `celery worker` command line of one child."""
+def node_slots(opts: WorkerOptions, children: list[Slot], scope: str = "") -> list[NodeSlot]:
+    """The slots this node offers: one per GPU (one per process on it, with several per
+    GPU), or `--slots` CPU slots (default one per process), named in `scope` (this
+    launcher's own: ptutils.slots)."""
+    gpus = [c.cuda_visible_devices for c in children if c.cuda_visible_devices]
+    if gpus:
+        return gpu_slots(list(dict.fromkeys(gpus)), opts.concurrency or 1)
+    return cpu_slots(opts.slots or len(children), scope)
+
+
+def child_queues(opts: WorkerOptions, capacity: int) -> list[str]:
+    """The queues of one child: every train queue in every size up to `capacity`."""
+    queues: list[str] = []
+    for q in opts.queues:
+        for name in ([q] if q in (QUEUES[EVAL], QUEUES[SAVE]) else train_queues(q, capacity)):
+            if name not in queues:
+                queues.append(name)
+    return queues
+
+
+def child_command(opts: WorkerOptions, slot: Slot, capacity: int = 1) -> list[str]:
+    """The `celery worker` command line of one child (`capacity`: the node's slots)."""
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "--queues", ",".join(opts.queues),
+        "--queues", ",".join(child_queues(opts, capacity)),
         "--hostname", f"{slot.name}@%h",
         "--concurrency", "1",
         "--without-gossip", "--without-mingle",
@@ -159,10 +213,20 @@ def child_command(opts: WorkerOptions, slot: Slot) -> list[str]:
     return cmd
 
 
-def child_env(opts: WorkerOptions, slot: Slot) -> dict[str, str]:
-    """The environment of one child: device pinning and the ptutils settings."""
+def child_env(opts: WorkerOptions, slot: Slot,
+              node: Sequence[NodeSlot] | None = None) -> dict[str, str]:
+    """The environment of one child: device pinning, the node's slots and the ptutils
+    settings."""
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
+    if slot.cuda_visible_devices:  # device ids as nvidia-smi numbers them
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if node is None:  # this child alone
+        node = gpu_slots([slot.cuda_visible_devices]) if slot.cuda_visible_devices else cpu_slots(1)
+    env[SLOTS_ENV] = spec_of(node)
+    env[HOME_ENV] = slot.cuda_visible_devices
+    if opts.slots_dir:
+        env[SLOTS_DIR_ENV] = opts.slots_dir
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p
     )
@@ -196,6 +260,10 @@ class Launcher:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
         self.slots = plan_slots(opts)
+        self.node = node_slots(opts, self.slots, f"launcher-{os.getpid()}")
+        self.capacity = len({s.unit for s in self.node})
+        log.info("this node offers %d slot(s) (%s); queues %s", len(self.node),
+                 spec_of(self.node), ",".join(child_queues(opts, self.capacity)))
         self.stopping_since: float | None = None
         self._parent = os.getpid()
 
@@ -215,7 +283,8 @@ class Launcher:
 
     def _start(self, slot: Slot) -> None:
         slot.proc = subprocess.Popen(
-            child_command(self.opts, slot), env=child_env(self.opts, slot), cwd=os.getcwd(),
+            child_command(self.opts, slot, self.capacity),
+            env=child_env(self.opts, slot, self.node), cwd=os.getcwd(),
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
         )
         slot.started = time.monotonic()

@@ -7,6 +7,13 @@ then) and re-sends a task that must wait (`retry_after`) with a countdown. A sta
 duplicate delivery is a logged no-op; a session failure is recorded on the session by
 the engine and the body returns normally, so the worker takes the next task.
 
+Slots (ptutils.slots): a Train chunk first takes `session.world_size` slots of this
+node (shared with every worker process on it through the node's slot file), and frees
+them when it returns; if they are not free now, the task goes back to its queue with a
+countdown (SLOTS_RETRY_S) and no lease is taken. The Engine gets the same slots
+(`Engine(slots=...)`) for the ranks it starts; the first progress report of a chunk
+records them on the lease (`lease.devices`), for `ptutils status`.
+
 Preemption: SIGTERM (Celery's `worker_shutting_down`) sets the running task's stop flag,
 so the chunk stops at the next step boundary, checkpoints (kind `preempt`), commits and
 enqueues its continuation; Celery's warm shutdown then waits for the body to return.
@@ -28,10 +35,11 @@ from celery import signals
 
 from ptutils import policy
 from ptutils.engine import Engine, Outcome
-from ptutils.errors import PtutilsError, SessionNotFound, StoreError
+from ptutils.errors import ConfigError, PtutilsError, SessionNotFound, StoreError
 from ptutils.protocol import EVAL, SAVE, TASK_NAMES, TRAIN, Task
 from ptutils.reconcile import EvalClaim, Reconciler
 from ptutils.rng import isolate_library_rngs
+from ptutils.slots import NodeSlots, WorkerSlots, world_size_of
 from ptutils.store import open_store
 from ptutils.store.base import Store
 from workers.app import RECONCILE_TASK, app
@@ -54,6 +62,12 @@ STORE_RETRIES = 5
 """Times a task whose store was unreachable is re-sent (5 s, 10 s, ... up to 60 s)
 before it is dropped and left to `reconcile`."""
 
+SLOTS_RETRY_S = 2.0
+"""Seconds before a Train task that found too few free slots on its node is tried again."""
+
+SLOTS_TOO_FEW_RETRY_S = 30.0
+"""... and before one that needs more slots than its node has (a misrouted message)."""
+
 EXIT_ABANDONED = 3
 """Exit status of a worker that left its task unfinished (grace over, second SIGTERM)."""
 
@@ -65,12 +79,16 @@ def _env_float(name: str, default: float) -> float:
 class WorkerContext:
     """This process's Engine and store, and the stop flag of the task it runs."""
 
-    def __init__(self, store: Store, worker: str, *, lease_ttl: float) -> None:
+    def __init__(self, store: Store, worker: str, *, lease_ttl: float,
+                 slots: NodeSlots | None = None) -> None:
         self.store = store
-        self.engine = Engine(store, worker=worker, lease_ttl=lease_ttl)
+        self.slots = WorkerSlots(slots or NodeSlots.from_env())
+        self.engine = Engine(store, worker=worker, lease_ttl=lease_ttl, slots=self.slots,
+                             progress=self._on_progress)
         self.shutting_down = threading.Event()
         self._current = threading.Event()
-        self._routes: dict[str, Route] = {}
+        self._routes: dict[str, tuple[Route, int]] = {}
+        self._marked: str | None = None
 
     def begin(self) -> None:
         """A fresh stop flag for the next task (already set while shutting down)."""
@@ -91,26 +109,81 @@ class WorkerContext:
 
     def route(self, session_id: str) -> Route:
         """Queue and priority of a session's messages (read once per session)."""
-        route = self._routes.get(session_id)
-        if route is None:
-            route = Route.of(self.store.get_session(session_id))
+        return self._session(session_id)[0]
+
+    def world_size(self, session_id: str) -> int:
+        """Slots a Train chunk of the session needs (`session.world_size`)."""
+        return self._session(session_id)[1]
+
+    def _session(self, session_id: str) -> tuple[Route, int]:
+        known = self._routes.get(session_id)
+        if known is None:
+            doc = self.store.get_session(session_id)
+            known = (Route.of(doc), _world_size(doc))
             if len(self._routes) > 1000:
                 self._routes.clear()
-            self._routes[session_id] = route
-        return route
+            self._routes[session_id] = known
+        return known
 
     def execute(self, task: Task) -> Outcome | None:
         """Run one task and enqueue what follows; None if its session no longer exists."""
         self.begin()
         try:
-            with self._claim(task):
-                outcome = self.engine.run(task)
+            if task.kind == TRAIN:
+                outcome = self._train(task)
+            else:
+                with self._claim(task):
+                    outcome = self.engine.run(task)
         except SessionNotFound:
             log.info("%s: skipped (the session was deleted)", task)
             return None
         _log_outcome(outcome)
         self.dispatch(outcome)
         return outcome
+
+    def _train(self, task: Task) -> Outcome:
+        """A Train chunk on `world_size` slots of this node, taken before the lease (so
+        waiting for them is not an attempt) and freed when the chunk returns."""
+        doc = self.store.get_session(task.session)
+        if doc["token"] != task.token or int(doc["step"]) != task.start:
+            return self.engine.run(task)  # stale: the engine says why and does nothing
+        n = _world_size(doc)
+        if self.slots.reserve(n, task.session) is None:
+            return self._wait_for_slots(task, n)
+        self._marked = None
+        try:
+            return self.engine.run(task)
+        finally:
+            self.slots.end()
+
+    def _wait_for_slots(self, task: Task, n: int) -> Outcome:
+        """Send the task back for later; mark the session (its `updated` moves, so
+        reconcile sees it is not lost while it waits)."""
+        capacity = self.slots.node.capacity
+        try:
+            self.store.cas_session(task.session, {"token": task.token, "lease": None},
+                                   {"meta.slot_wait": {"slots": n, "at": self.store.now()}})
+        except StoreError as exc:
+            log.warning("%s: could not mark the wait for slots: %s", task, exc)
+        if n > capacity:
+            reason = (f"needs {n} slots, this node has {capacity}: back to its queue "
+                      f"{self.route(task.session).queue} for a larger node")
+            return Outcome(task, False, reason, retry_after=SLOTS_TOO_FEW_RETRY_S)
+        return Outcome(task, False, f"waiting for {n} free slot(s) on this node",
+                       retry_after=SLOTS_RETRY_S)
+
+    def _on_progress(self, session_id: str, step: int, loss: float) -> None:
+        """At the first progress report of a chunk: record the slots on the lease
+        (`lease.devices`), for `ptutils status`."""
+        held = self.slots.held
+        if held is None or self._marked == session_id:
+            return
+        self._marked = session_id
+        try:
+            self.store.cas_session(session_id, {"lease.worker": self.engine.worker},
+                                   {"lease.devices": list(held)})
+        except StoreError as exc:
+            log.warning("could not record the devices of %s: %s", session_id[:8], exc)
 
     def _claim(self, task: Task) -> AbstractContextManager[object]:
         """An Eval holds a claim on its checkpoint while it runs (reconcile leaves it be)."""
@@ -130,6 +203,13 @@ class WorkerContext:
             except PtutilsError as exc:
                 log.error("%s was not enqueued (%s); `ptutils reconcile` will requeue it",
                           task, exc)
+
+
+def _world_size(doc: dict[str, Any]) -> int:
+    try:
+        return world_size_of(doc)
+    except ConfigError:
+        return 1  # the engine fails the session, naming the key
 
 
 def _log_outcome(outcome: Outcome) -> None:
