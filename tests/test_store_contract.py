@@ -211,6 +211,17 @@ def test_cas_on_unknown_session_returns_none(store: Store) -> None:
 
 
 # --- leases -------------------------------------------------------------------------------
+def test_an_expired_lease_that_lists_devices_can_be_taken_over(store: Store) -> None:
+    """A running group's lease carries `devices`; once expired, another worker takes it."""
+    doc = store.create_session(new_session_doc("devs", {}, "h", 10))
+    sid, tok = doc["_id"], doc["token"]
+    assert store.acquire_lease(sid, tok, "w1", ttl=10, now=100.0) is not None
+    assert store.cas_session(sid, {"lease.worker": "w1"}, {"lease.devices": ["0", "1"]})
+    assert store.acquire_lease(sid, tok, "w2", ttl=10, now=105.0) is None
+    taken = store.acquire_lease(sid, tok, "w2", ttl=10, now=111.0)
+    assert taken is not None and taken["lease"] == {"worker": "w2", "expires": 121.0}
+
+
 def test_lease_acquire_refuse_expire_and_reacquire(store: Store) -> None:
     doc = make_session(store)
     sid, tok = doc["_id"], doc["token"]

@@ -245,9 +245,16 @@ class Store(abc.ABC):
         lease = doc.get("lease")
         if lease and lease.get("worker") != worker and float(lease.get("expires", 0)) > now:
             return None
+        # The lease is identified by its holder and expiry, not compared whole: it may
+        # carry more fields (`devices`), and a subdocument match depends on field order.
+        held = (
+            {"lease.worker": lease.get("worker"), "lease.expires": lease.get("expires")}
+            if lease
+            else {"lease": None}
+        )
         return self.cas_session(
             session_id,
-            {"token": token, "lease": lease},
+            {"token": token, **held},
             {"lease": {"worker": worker, "expires": now + ttl}},
         )
 
