@@ -210,6 +210,7 @@ class Driver:
                 if int(doc["total_steps"]) <= int(t["pending"]["step"]):
                     continue
                 t["lineage"] = list((doc.get("meta") or {}).get("lineage") or [])
+                t["params"] = (doc.get("meta") or {}).get("params") or t["params"]
                 del t["pending"]
                 changed = True
             if doc["status"] in (str(SessionStatus.FAILED), str(SessionStatus.CANCELLED)):
@@ -403,7 +404,13 @@ class Driver:
                  "hparams": hp, "bytes_written": int(written.get("bytes_written", 0))}
         lineage = [e for e in (doc.get("meta") or {}).get("lineage") or []
                    if e["step"] != p["step"]]
-        self._cas(doc, {"meta": {**(doc.get("meta") or {}), "lineage": [*lineage, entry]}})
+        cfg = {**ddoc["config"], "name": doc["config"].get("name", t["name"]),
+               "session": {**ddoc["config"]["session"], "total_steps": p["step"]}}
+        self._cas(doc, {  # PBT: the member takes the donor's whole config, then perturbs
+            "config": cfg, "config_hash": config_hash(cfg), "code": ddoc.get("code") or [],
+            "meta": {**(doc.get("meta") or {}), "lineage": [*lineage, entry],
+                     "params": donor["params"]},
+        })
 
     # --- sessions -------------------------------------------------------------------
     def _session(self, t: Mapping[str, Any]) -> dict[str, Any] | None:
