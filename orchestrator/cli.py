@@ -309,5 +309,9 @@ from orchestrator import cluster_cli, export  # noqa: E402 - after `main`, which
 cluster_cli.register(main)
 export.register(main)
 
+from orchestrator import search_cli  # noqa: E402 - `ptutils search` (issue 11)
+
+search_cli.register(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

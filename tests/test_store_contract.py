@@ -709,3 +709,23 @@ def test_a_million_step_history_keeps_the_checkpoint_document_under_1mb(
     store.put_checkpoint(sid, 1_000_000, "chunk", state, metrics={"loss": 1e-6})
     assert stored_document_bytes(store, sid, 1_000_000) < 1 << 20
     assert_bit_identical(state, store.load_state(store.get_checkpoint(sid, 1_000_000)))
+
+
+def test_documents_compare_and_set_on_their_version(store: Store) -> None:
+    """A search's state: created once, then each update expects the version it read, so of
+    two drivers that read the same version only one writes."""
+    assert store.get_document("search", "s1") is None
+    first = store.put_document("search", "s1", {"asks": [[0, {"lr": 0.1}]]}, version=None)
+    assert first == {"version": 1, "body": {"asks": [[0, {"lr": 0.1}]]}}
+    assert store.put_document("search", "s1", {"asks": []}, version=None) is None
+    second = store.put_document("search", "s1", {"asks": [], "n": 2}, version=1)
+    assert second is not None and second["version"] == 2
+    assert store.put_document("search", "s1", {"lost": True}, version=1) is None
+    assert store.get_document("search", "s1") == {"version": 2, "body": {"asks": [], "n": 2}}
+    store.put_document("search", "s0", {}, version=None)
+    store.put_document("other", "s9", {}, version=None)
+    assert store.list_documents("search") == ["s0", "s1"]
+    store.delete_document("search", "s1")
+    store.delete_document("search", "s1")
+    assert store.get_document("search", "s1") is None
+    assert store.list_documents("search") == ["s0"]

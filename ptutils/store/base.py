@@ -43,6 +43,11 @@ Housekeeping
   * `claim_periodic(name, every)` is True for one caller per `every` seconds across
     every process sharing the store: it throttles housekeeping that Save triggers.
 
+Documents
+  * `get_document` / `put_document(kind, key, body, version=)` keep small JSON records
+    (a search's asks, tells and decisions) with a version: `put_document` is a
+    compare-and-set on it, so two drivers never both win the same update.
+
 Statistics
   * Points are `(phase, step, name, value)` with a time. Writes are batched and
     idempotent on (session, phase, step, name): writing a point again overwrites it.
@@ -433,6 +438,28 @@ class Store(abc.ABC):
         step_max: int | None = None,
     ) -> list[dict[str, Any]]:
         """Points as dicts {session, phase, step, name, value, time}, by session, step, name."""
+
+    # --- documents (search state and other small records) ---------------------------
+    @abc.abstractmethod
+    def get_document(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The small JSON document (`kind`, `key`) as `{"version": n, "body": {...}}`, or
+        None. Used for state that is not a session's (a search: ptutils.search)."""
+
+    @abc.abstractmethod
+    def put_document(
+        self, kind: str, key: str, body: dict[str, Any], *, version: int | None
+    ) -> dict[str, Any] | None:
+        """Compare-and-set: write `body` if the stored version is `version` (None: only
+        if there is no such document); the new `{"version": version + 1 (or 1), "body"}`,
+        or None when the expectation failed. `body` must be JSON-serializable."""
+
+    @abc.abstractmethod
+    def list_documents(self, kind: str) -> list[str]:
+        """The keys of the documents of `kind`, sorted."""
+
+    @abc.abstractmethod
+    def delete_document(self, kind: str, key: str) -> None:
+        """Remove a document; idempotent."""
 
     # --- housekeeping ---------------------------------------------------------------
     @abc.abstractmethod

@@ -424,6 +424,42 @@ class LocalStore(Store):
             conn.execute("INSERT OR REPLACE INTO chores (name, last) VALUES (?, ?)", (name, now))
         return True
 
+    # --- documents ---------------------------------------------------------------------
+    def get_document(self, kind: str, key: str) -> dict[str, Any] | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT version, body FROM documents WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchone()
+        return None if row is None else {"version": int(row[0]), "body": json.loads(row[1])}
+
+    def put_document(
+        self, kind: str, key: str, body: dict[str, Any], *, version: int | None
+    ) -> dict[str, Any] | None:
+        text = db.to_json(body, f"document {kind}/{key}")
+        with self._db.write() as conn:
+            row = conn.execute(
+                "SELECT version FROM documents WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchone()
+            if (None if row is None else int(row[0])) != version:
+                return None
+            new = 1 if version is None else version + 1
+            conn.execute(
+                "INSERT OR REPLACE INTO documents (kind, key, version, body) VALUES (?,?,?,?)",
+                (kind, key, new, text),
+            )
+        return {"version": new, "body": json.loads(text)}
+
+    def list_documents(self, kind: str) -> list[str]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT key FROM documents WHERE kind = ? ORDER BY key", (kind,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def delete_document(self, kind: str, key: str) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM documents WHERE kind = ? AND key = ?", (kind, key))
+
     # --- statistics --------------------------------------------------------------------
     def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:
         """Upsert points on (session, phase, step, name) in one transaction."""

@@ -546,6 +546,62 @@ class MongoStore(Store):
 
         return self._retry(f"claiming chore {name!r}", claim)
 
+    # --- documents (collection `documents`, _id "KIND/KEY") ---------------------------
+    def get_document(self, kind: str, key: str) -> dict[str, Any] | None:
+        docs = self.db["documents"]
+        found = self._retry(
+            f"reading document {kind}/{key}", lambda _: docs.find_one({"_id": f"{kind}/{key}"})
+        )
+        return None if found is None else {"version": int(found["version"]),
+                                           "body": found["body"]}
+
+    def put_document(
+        self, kind: str, key: str, body: dict[str, Any], *, version: int | None
+    ) -> dict[str, Any] | None:
+        from ptutils.store.sqlite_db import plain_json
+
+        docs, _id = self.db["documents"], f"{kind}/{key}"
+        body = plain_json(body, f"document {kind}/{key}")
+        new = 1 if version is None else version + 1
+        mark = new_id()  # tells a retried write that applied from another writer's
+
+        def put(retried: bool) -> bool:
+            if retried:
+                cur = docs.find_one({"_id": _id})
+                if cur is not None and cur.get("mark") == mark:
+                    return True
+            if version is None:
+                try:
+                    docs.insert_one({"_id": _id, "kind": kind, "version": new, "body": body,
+                                     "mark": mark})
+                except PyMongoError as exc:
+                    if is_duplicate(exc):
+                        return False
+                    raise
+                return True
+            done = docs.find_one_and_update(
+                {"_id": _id, "version": version},
+                {"$set": {"version": new, "body": body, "mark": mark}},
+            )
+            return done is not None
+
+        if not self._retry(f"writing document {kind}/{key}", put):
+            return None
+        return {"version": new, "body": body}
+
+    def list_documents(self, kind: str) -> list[str]:
+        docs = self.db["documents"]
+        rows = self._retry(
+            f"listing documents {kind}",
+            lambda _: list(docs.find({"kind": kind}, {"_id": 1})),
+        )
+        return sorted(r["_id"].partition("/")[2] for r in rows)
+
+    def delete_document(self, kind: str, key: str) -> None:
+        docs = self.db["documents"]
+        self._retry(f"deleting document {kind}/{key}",
+                    lambda _: docs.delete_one({"_id": f"{kind}/{key}"}))
+
     # --- statistics ------------------------------------------------------------------
     def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:
         """Upsert points into their buckets; a point written again overwrites it."""

@@ -55,6 +55,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS statistics_name ON statistics(session, name, step)",
     """CREATE TABLE IF NOT EXISTS chores (
         name TEXT PRIMARY KEY, last REAL NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS documents (
+        kind TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL,
+        PRIMARY KEY (kind, key)) WITHOUT ROWID""",
 )
 
 CKPT_COLUMNS = "session, step, kind, manifest, checksum, segments, size, metrics, extra, created"
