@@ -161,3 +161,30 @@ def test_pbt_records_lineage_and_exploits_write_no_segment_bytes(tmp_path: Path)
             doc = store.get_session(t["name"])
             assert doc["meta"].get("lineage", []) == t["lineage"]
             assert doc["step"] == 60 and doc["status"] == "completed"
+
+
+def test_an_ask_does_not_depend_on_what_live_trials_reported(tmp_path: Path) -> None:
+    """Trial 9 (--parallel 3) is asked once trials 0..7 finished: whether trial 8 is
+    running, has a rung value or already completed (worker timing) changes nothing."""
+    import copy
+
+    with LocalStore(tmp_path / "s") as store:
+        spec = SearchSpec(name="t", config=base_config(), space=SPACE, algo="tpe",
+                          scheduler="none", trials=10, parallel=2, seed=5)
+        create_search(store, spec)
+        driver = Driver(store, "t", LocalExecutor(store))
+        body = copy.deepcopy(store.get_document("search", "t")["body"])
+        driver._ask(body)  # trials 0 and 1, then finish them one by one
+        for n in range(8):
+            body["trials"][n].update(state="complete", value=0.5 + 0.01 * (n % 3),
+                                     rungs=[[60, 0.5 + 0.01 * (n % 3)]])
+            driver._ask(body)
+        assert len(body["trials"]) == 10
+        asked = body["trials"][9]["params"]
+        for trial8 in ({"rungs": [[20, 0.9]]},
+                       {"state": "complete", "value": 0.95, "rungs": [[60, 0.95]]}):
+            other = copy.deepcopy(body)
+            del other["trials"][9]
+            other["trials"][8].update(trial8)
+            driver._ask(other)
+            assert other["trials"][9]["params"] == asked
