@@ -188,3 +188,41 @@ def test_an_ask_does_not_depend_on_what_live_trials_reported(tmp_path: Path) -> 
             other["trials"][8].update(trial8)
             driver._ask(other)
             assert other["trials"][9]["params"] == asked
+
+
+@pytest.mark.parametrize("scheduler", [
+    None,  # the base config's StepLR (chainable: it scales the group's current lr)
+    {"type": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 60},
+    {"type": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.01, "total_steps": 60},
+], ids=["step", "cosine", "onecycle"])
+def test_pbt_member_trains_with_the_perturbed_lr(tmp_path: Path, scheduler: Any) -> None:
+    """After an exploit at step s, the member's lr (logged each step, and in its next
+    checkpoint's param groups) is the donor's at the same step times the lr factor, up
+    to the next ready point: the scheduler continues from the scaled rate."""
+    cfg = base_config()
+    if scheduler is not None:
+        cfg["model"]["scheduler"] = scheduler
+    with LocalStore(tmp_path / "p") as store:
+        create_search(store, SearchSpec(name="p", config=cfg, space=SPACE, algo="random",
+                                        scheduler="pbt", trials=4, seed=3))
+        body = Driver(store, "p", LocalExecutor(store)).run(timeout=300)
+
+        def lrs(n: int) -> dict[int, float]:
+            sid = store.get_session(body["trials"][n]["name"])["_id"]
+            return {p["step"]: p["value"] for p in store.query_statistics(sid, name="lr")}
+
+        def ckpt_lr(n: int, step: int) -> float:
+            sid = store.get_session(body["trials"][n]["name"])["_id"]
+            state = store.load_state(store.get_checkpoint(sid, step))
+            return float(state["trainer"]["model"]["optimizer"]["param_groups"][0]["lr"])
+
+        exploits = [(t["n"], e) for t in body["trials"] for e in t["lineage"]]
+        assert len(exploits) == 2
+        for n, e in exploits:
+            s, f = e["step"], e["factors"]["lr"]
+            mine, donor = lrs(n), lrs(e["donor"])
+            assert mine[s + 1] != donor[s + 1]
+            for step in range(s + 1, s + 21):
+                assert mine[step] == pytest.approx(donor[step] * f, rel=1e-9, abs=0), step
+            assert ckpt_lr(n, s + 20) == pytest.approx(ckpt_lr(e["donor"], s + 20) * f,
+                                                       rel=1e-9, abs=0)
