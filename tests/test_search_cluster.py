@@ -58,25 +58,32 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cfg, space
 
 
-@pytest.fixture(scope="module")
-def reference(files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-              ) -> dict[str, Any]:
-    """The search run in-process, as `ptutils search --local` runs it: (body, states)."""
+def run_local(files: tuple[Path, Path], folder: Path, **options: Any) -> dict[str, Any]:
+    """The search run in-process, as `ptutils search --local` runs it: body, states."""
     from orchestrator.search_cli import _spec
     from ptutils.search import Driver, create_search
     from ptutils.search.local import LocalExecutor
 
     cfg, space = files
-    spec = _spec(str(cfg), str(space), (), None, algo="tpe", scheduler="asha",
-                 trials=TRIALS, metric="test/accuracy", mode="max", parallel=3, seed=7,
-                 eta=3, min_steps=0, pbt_interval=0, pbt_fraction=0.25)
-    with LocalStore(tmp_path_factory.mktemp("ref") / "runs") as store:
+    kw = {"algo": "tpe", "scheduler": "asha", "trials": TRIALS, "metric": "test/accuracy",
+          "mode": "max", "parallel": 3, "seed": 7, "eta": 3, "min_steps": 0,
+          "pbt_interval": 0, "pbt_fraction": 0.25, **options}
+    spec = _spec(str(cfg), str(space), (), None, **kw)
+    with LocalStore(folder / "runs") as store:
         create_search(store, spec)
         body = Driver(store, NAME, LocalExecutor(store)).run(poll=0.0, timeout=120)
         states = {t["name"]: final_state(store, t["name"]) for t in body["trials"]}
-    kinds = [d[0] for d in decisions(body)]
-    assert "stop" in kinds and "promote" in kinds, "the reference search decides both ways"
     return {"body": body, "states": states}
+
+
+@pytest.fixture(scope="module")
+def reference(files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, Any]:
+    """The ASHA search of OPTIONS, in-process."""
+    ref = run_local(files, tmp_path_factory.mktemp("ref"))
+    kinds = [d[0] for d in decisions(ref["body"])]
+    assert "stop" in kinds and "promote" in kinds, "the reference search decides both ways"
+    return ref
 
 
 def final_state(store: Any, name: str) -> dict[str, Any]:
@@ -84,14 +91,14 @@ def final_state(store: Any, name: str) -> dict[str, Any]:
     return store.load_state(store.get_checkpoint(doc["_id"]))
 
 
-def start_search(files: tuple[Path, Path], broker: str, store: str, log: Path
-                 ) -> subprocess.Popen[bytes]:
+def start_search(files: tuple[Path, Path], broker: str, store: str, log: Path,
+                 options: list[str] = OPTIONS) -> subprocess.Popen[bytes]:
     cfg, space = files
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "wb") as out:
         return subprocess.Popen(
             [PY, "-m", "orchestrator.cli", "search", str(cfg), "--space", str(space),
-             *OPTIONS, "--broker", broker, "--store", store, "--poll", "0.2"],
+             *options, "--broker", broker, "--store", store, "--poll", "0.2"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -118,8 +125,8 @@ def assert_same_search(store: MongoStore, reference: dict[str, Any]) -> None:
     ref = reference["body"]
     assert body["done"]
     assert decisions(body) == decisions(ref)
-    assert [(t["n"], t["state"], t["rungs"]) for t in body["trials"]] == [
-        (t["n"], t["state"], t["rungs"]) for t in ref["trials"]]
+    assert [(t["n"], t["state"], t["rungs"], t["lineage"]) for t in body["trials"]] == [
+        (t["n"], t["state"], t["rungs"], t["lineage"]) for t in ref["trials"]]
     best = best_trial(body)
     assert best is not None and best == best_trial(ref)
     for t in body["trials"]:
@@ -190,6 +197,27 @@ def test_worker_sigkilled_mid_search_changes_nothing(
         finish(proc, tmp_path / "search.log", 120, (other,))
         assert_same_search(store, reference)
     assert "expired" in other.log, "reconcile requeued the killed worker's chunk"
+
+
+def test_pbt_on_two_workers_exploits_as_in_process(
+        files, tmp_path, redis_db, store_uri, workers):
+    """PBT on the cluster: the same exploits (a member's checkpoint replaced by its
+    donor's State under the workers' feet, in MongoDB), lineage and final weights."""
+    options = ["--algo", "random", "--scheduler", "pbt", "--trials", "4", "--seed", "3"]
+    ref = run_local(files, tmp_path / "ref", algo="random", scheduler="pbt", trials=4,
+                    seed=3)
+    assert sum(e["kind"] == "exploit" for e in ref["body"]["log"]) == 2
+    a = workers("a", redis_db, store_uri, step_seconds=STEP_SECONDS / 4)
+    b = workers("b", redis_db, store_uri, step_seconds=STEP_SECONDS / 4)
+    a.wait_ready()
+    b.wait_ready()
+    proc = start_search(files, redis_db, store_uri, tmp_path / "search.log", options)
+    finish(proc, tmp_path / "search.log", 120, (a, b))
+    with MongoStore(store_uri) as store:
+        assert_same_search(store, ref)
+        lineage = [e for t in store.get_document("search", NAME)["body"]["trials"]
+                   for e in t["lineage"]]
+        assert len(lineage) == 2 and all(e["bytes_written"] == 0 for e in lineage)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
