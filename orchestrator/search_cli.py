@@ -155,6 +155,7 @@ def _spec(config: str, space_path: str, overrides: tuple[str, ...], name: str | 
     from pathlib import Path
 
     from ptutils.config import load_config
+    from ptutils.errors import ConfigError
     from ptutils.runner import load_experiment, validate
     from ptutils.search import SearchSpec, apply_params
     from ptutils.sources import code_for
@@ -165,7 +166,10 @@ def _spec(config: str, space_path: str, overrides: tuple[str, ...], name: str | 
                       space=space, code=code_for(cfg), **kw)
     parsed, _, _ = spec.check()
     for point in parsed.corners():  # every bound and choice builds, before anything runs
-        validate(apply_params(cfg, point), place=False)
+        names = validate(apply_params(cfg, point), place=False).evaluator.metric_names()
+        if spec.metric not in names:
+            raise ConfigError(f"--metric {spec.metric}: the config's evals (eval.targets) "
+                              f"produce {', '.join(names) or 'nothing'}; name one of them")
     return spec
 
 

@@ -226,3 +226,15 @@ def test_pbt_member_trains_with_the_perturbed_lr(tmp_path: Path, scheduler: Any)
                 assert mine[step] == pytest.approx(donor[step] * f, rel=1e-9, abs=0), step
             assert ckpt_lr(n, s + 20) == pytest.approx(ckpt_lr(e["donor"], s + 20) * f,
                                                        rel=1e-9, abs=0)
+
+
+def test_a_metric_no_eval_produces_fails_before_anything_is_stored(tmp_path: Path) -> None:
+    cfg_path, space_path = tmp_path / "exp.yaml", tmp_path / "space.yaml"
+    cfg_path.write_text(yaml.safe_dump(base_config()))
+    space_path.write_text(yaml.safe_dump(SPACE))
+    proc = _cli(str(cfg_path), "--space", str(space_path), "--metric", "test/acc", "--local",
+                "--store", str(tmp_path / "runs"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "--metric test/acc" in out and "test/accuracy" in out and "Traceback" not in out
+    assert not (tmp_path / "runs").exists()

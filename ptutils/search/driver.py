@@ -47,6 +47,11 @@ KIND = "search"
 """The store document kind of a search's state (`Store.get_document(KIND, name)`)."""
 
 
+PARTIAL_EVAL_SECONDS = 30.0
+"""How long a trial's eval statistics at a rung may lack the search's metric (an Eval
+still writing them) before `--metric` is taken to name no statistic of the config."""
+
+
 class SearchError(PtutilsError):
     """A search cannot go on (another driver changed it, or nothing can run)."""
 
@@ -155,6 +160,7 @@ class Driver:
         doc = load_search(store, name)
         self.spec = SearchSpec(**doc["body"]["spec"])
         self.space, self.plan, self.brackets = self.spec.check()
+        self._partial: dict[tuple[str, int], float] = {}
 
     # --- the loop -------------------------------------------------------------------
     def run(self, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
@@ -238,6 +244,11 @@ class Driver:
         if pts:
             return float(pts[0]["value"])
         if self.store.query_statistics(doc["_id"], phase="eval", step_min=step, step_max=step):
+            # An Eval on a worker writes its statistics while this driver reads: only a
+            # metric still missing a while after the others is a wrong --metric.
+            first = self._partial.setdefault((doc["_id"], step), time.monotonic())
+            if time.monotonic() - first < PARTIAL_EVAL_SECONDS:
+                return None
             raise SearchError(f"--metric {self.spec.metric}: trial {doc['name']} has eval "
                               "statistics but not this one; see `ptutils stats "
                               f"{doc['name']}` for the names")
