@@ -105,6 +105,11 @@ def search() -> None:
               help="Continue the stored search NAME (no CONFIG needed).")
 @click.option("--local", is_flag=True,
               help="Run the trials in this process against the store (no Celery).")
+@click.option("--queue", default="train", show_default=True,
+              help="Queue of the trials' Train tasks on Celery (a trial of world_size N > 1 "
+                   "goes to QUEUE-xN, as with `ptutils submit`).")
+@click.option("--priority", default=5, show_default=True, type=click.IntRange(0, 9),
+              help="Priority of the trials' tasks on Celery: 0..9, higher runs sooner.")
 @click.option("--broker", "broker_url", envvar="PTUTILS_BROKER", default=None, metavar="URL",
               help="Celery broker URL (without --local). Falls back to $PTUTILS_BROKER.")
 @click.option("--poll", type=float, default=1.0, show_default=True,
@@ -116,7 +121,8 @@ def run_cmd(config: str | None, space_path: str | None, algo: str, scheduler: st
             trials: int, metric: str, mode: str, parallel: int, seed: int, eta: int,
             min_steps: int, pbt_interval: int, pbt_fraction: float,
             overrides: tuple[str, ...], name: str | None, resume: str | None, local: bool,
-            broker_url: str | None, poll: float, store_url: str | None) -> None:
+            queue: str, priority: int, broker_url: str | None, poll: float,
+            store_url: str | None) -> None:
     """Start a search (CONFIG + --space) or --resume one; prints the best trial."""
     from ptutils.search import Driver, best_trial, create_search, steps_spent
 
@@ -126,7 +132,7 @@ def run_cmd(config: str | None, space_path: str | None, algo: str, scheduler: st
         spec = _spec(config, space_path, overrides, name, algo=algo, scheduler=scheduler,
                      trials=trials, metric=metric, mode=mode, parallel=parallel, seed=seed,
                      eta=eta, min_steps=min_steps, pbt_interval=pbt_interval,
-                     pbt_fraction=pbt_fraction)
+                     pbt_fraction=pbt_fraction, queue=queue, priority=priority)
         executor = _executor(local, broker_url, poll, store_url)
         store = executor.store
         create_search(store, spec)
@@ -149,6 +155,7 @@ def _spec(config: str, space_path: str, overrides: tuple[str, ...], name: str | 
     from pathlib import Path
 
     from ptutils.config import load_config
+    from ptutils.errors import ConfigError
     from ptutils.runner import load_experiment, validate
     from ptutils.search import SearchSpec, apply_params
     from ptutils.sources import code_for
@@ -159,7 +166,10 @@ def _spec(config: str, space_path: str, overrides: tuple[str, ...], name: str | 
                       space=space, code=code_for(cfg), **kw)
     parsed, _, _ = spec.check()
     for point in parsed.corners():  # every bound and choice builds, before anything runs
-        validate(apply_params(cfg, point), place=False)
+        names = validate(apply_params(cfg, point), place=False).evaluator.metric_names()
+        if spec.metric not in names:
+            raise ConfigError(f"--metric {spec.metric}: the config's evals (eval.targets) "
+                              f"produce {', '.join(names) or 'nothing'}; name one of them")
     return spec
 
 
@@ -178,14 +188,11 @@ def _executor(local: bool, broker_url: str | None, poll: float, store_url: str |
 
 class CeleryExecutor:
     """Trials as sessions on the Celery workers: the driver sends their Train (and,
-    after a restart, Eval) messages and polls the store between passes."""
+    after a restart, Eval) messages on each session's route (`meta.queue`, set by the
+    driver as `ptutils submit` sets it) and polls the store between passes."""
 
-    def __init__(self, store: Any, app: Any, poll: float = 1.0, queue: str = "train",
-                 priority: int | None = None) -> None:
-        from workers.dispatch import DEFAULT_PRIORITY, Route
-
+    def __init__(self, store: Any, app: Any, poll: float = 1.0) -> None:
         self.store, self.app, self.poll = store, app, poll
-        self.route = Route(queue, DEFAULT_PRIORITY if priority is None else priority)
 
     def start(self, doc: dict[str, Any]) -> None:
         from ptutils.plan import train_task
@@ -200,9 +207,6 @@ class CeleryExecutor:
         from workers.dispatch import Route, send
 
         send(self.app, eval_task(doc, step), Route.of(doc))
-
-    def session_meta(self) -> dict[str, Any]:
-        return {"queue": self.route.queue, "priority": self.route.priority}
 
     def pump(self) -> bool:
         time.sleep(self.poll)

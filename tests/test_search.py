@@ -161,3 +161,80 @@ def test_pbt_records_lineage_and_exploits_write_no_segment_bytes(tmp_path: Path)
             doc = store.get_session(t["name"])
             assert doc["meta"].get("lineage", []) == t["lineage"]
             assert doc["step"] == 60 and doc["status"] == "completed"
+
+
+def test_an_ask_does_not_depend_on_what_live_trials_reported(tmp_path: Path) -> None:
+    """Trial 9 (--parallel 3) is asked once trials 0..7 finished: whether trial 8 is
+    running, has a rung value or already completed (worker timing) changes nothing."""
+    import copy
+
+    with LocalStore(tmp_path / "s") as store:
+        spec = SearchSpec(name="t", config=base_config(), space=SPACE, algo="tpe",
+                          scheduler="none", trials=10, parallel=2, seed=5)
+        create_search(store, spec)
+        driver = Driver(store, "t", LocalExecutor(store))
+        body = copy.deepcopy(store.get_document("search", "t")["body"])
+        driver._ask(body)  # trials 0 and 1, then finish them one by one
+        for n in range(8):
+            body["trials"][n].update(state="complete", value=0.5 + 0.01 * (n % 3),
+                                     rungs=[[60, 0.5 + 0.01 * (n % 3)]])
+            driver._ask(body)
+        assert len(body["trials"]) == 10
+        asked = body["trials"][9]["params"]
+        for trial8 in ({"rungs": [[20, 0.9]]},
+                       {"state": "complete", "value": 0.95, "rungs": [[60, 0.95]]}):
+            other = copy.deepcopy(body)
+            del other["trials"][9]
+            other["trials"][8].update(trial8)
+            driver._ask(other)
+            assert other["trials"][9]["params"] == asked
+
+
+@pytest.mark.parametrize("scheduler", [
+    None,  # the base config's StepLR (chainable: it scales the group's current lr)
+    {"type": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 60},
+    {"type": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.01, "total_steps": 60},
+], ids=["step", "cosine", "onecycle"])
+def test_pbt_member_trains_with_the_perturbed_lr(tmp_path: Path, scheduler: Any) -> None:
+    """After an exploit at step s, the member's lr (logged each step, and in its next
+    checkpoint's param groups) is the donor's at the same step times the lr factor, up
+    to the next ready point: the scheduler continues from the scaled rate."""
+    cfg = base_config()
+    if scheduler is not None:
+        cfg["model"]["scheduler"] = scheduler
+    with LocalStore(tmp_path / "p") as store:
+        create_search(store, SearchSpec(name="p", config=cfg, space=SPACE, algo="random",
+                                        scheduler="pbt", trials=4, seed=3))
+        body = Driver(store, "p", LocalExecutor(store)).run(timeout=300)
+
+        def lrs(n: int) -> dict[int, float]:
+            sid = store.get_session(body["trials"][n]["name"])["_id"]
+            return {p["step"]: p["value"] for p in store.query_statistics(sid, name="lr")}
+
+        def ckpt_lr(n: int, step: int) -> float:
+            sid = store.get_session(body["trials"][n]["name"])["_id"]
+            state = store.load_state(store.get_checkpoint(sid, step))
+            return float(state["trainer"]["model"]["optimizer"]["param_groups"][0]["lr"])
+
+        exploits = [(t["n"], e) for t in body["trials"] for e in t["lineage"]]
+        assert len(exploits) == 2
+        for n, e in exploits:
+            s, f = e["step"], e["factors"]["lr"]
+            mine, donor = lrs(n), lrs(e["donor"])
+            assert mine[s + 1] != donor[s + 1]
+            for step in range(s + 1, s + 21):
+                assert mine[step] == pytest.approx(donor[step] * f, rel=1e-9, abs=0), step
+            assert ckpt_lr(n, s + 20) == pytest.approx(ckpt_lr(e["donor"], s + 20) * f,
+                                                       rel=1e-9, abs=0)
+
+
+def test_a_metric_no_eval_produces_fails_before_anything_is_stored(tmp_path: Path) -> None:
+    cfg_path, space_path = tmp_path / "exp.yaml", tmp_path / "space.yaml"
+    cfg_path.write_text(yaml.safe_dump(base_config()))
+    space_path.write_text(yaml.safe_dump(SPACE))
+    proc = _cli(str(cfg_path), "--space", str(space_path), "--metric", "test/acc", "--local",
+                "--store", str(tmp_path / "runs"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "--metric test/acc" in out and "test/accuracy" in out and "Traceback" not in out
+    assert not (tmp_path / "runs").exists()

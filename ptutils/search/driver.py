@@ -38,12 +38,18 @@ from ptutils.search.schedulers import (
     rungs,
 )
 from ptutils.search.space import Space, apply_params
+from ptutils.slots import train_queue, world_size_of
 from ptutils.store.base import SessionStatus, Store, new_id, new_session_doc
 
 log = logging.getLogger("ptutils.search")
 
 KIND = "search"
 """The store document kind of a search's state (`Store.get_document(KIND, name)`)."""
+
+
+PARTIAL_EVAL_SECONDS = 30.0
+"""How long a trial's eval statistics at a rung may lack the search's metric (an Eval
+still writing them) before `--metric` is taken to name no statistic of the config."""
 
 
 class SearchError(PtutilsError):
@@ -69,6 +75,10 @@ class SearchSpec:
     pbt_fraction: float = 0.25
     pbt_interval: int = 0
     code: list[dict[str, Any]] = field(default_factory=list)
+    queue: str = "train"
+    """Train queue of the trials on Celery (world size N > 1: `QUEUE-xN`, as submit)."""
+    priority: int = 5
+    """Priority (0..9) of the trials' messages on Celery."""
 
     def check(self) -> tuple[Space, Plan, list[list[int]]]:
         """Validate everything a bad command line could get wrong; (space, plan, rungs of
@@ -82,6 +92,8 @@ class SearchSpec:
                               f"{', '.join(SCHEDULERS)}")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"--mode: must be min or max, got {self.mode!r}")
+        if not self.queue or not 0 <= self.priority <= 9:
+            raise ConfigError("--queue must be a name and --priority within 0..9")
         if self.trials < 1 or self.parallel < 1:
             raise ConfigError("--trials and --parallel must be >= 1")
         if "/" not in self.metric:
@@ -116,9 +128,6 @@ class Executor(Protocol):
     def evaluate(self, doc: dict[str, Any], step: int) -> None:
         """Make sure Eval(step) of the session runs (after a driver restart)."""
 
-    def session_meta(self) -> dict[str, Any]:
-        """Extra `meta` for a trial session (queue, priority)."""
-
     def pump(self) -> bool:
         """Let work progress (run a task, or wait a poll interval); False if idle."""
 
@@ -151,6 +160,7 @@ class Driver:
         doc = load_search(store, name)
         self.spec = SearchSpec(**doc["body"]["spec"])
         self.space, self.plan, self.brackets = self.spec.check()
+        self._partial: dict[tuple[str, int], float] = {}
 
     # --- the loop -------------------------------------------------------------------
     def run(self, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
@@ -234,6 +244,11 @@ class Driver:
         if pts:
             return float(pts[0]["value"])
         if self.store.query_statistics(doc["_id"], phase="eval", step_min=step, step_max=step):
+            # An Eval on a worker writes its statistics while this driver reads: only a
+            # metric still missing a while after the others is a wrong --metric.
+            first = self._partial.setdefault((doc["_id"], step), time.monotonic())
+            if time.monotonic() - first < PARTIAL_EVAL_SECONDS:
+                return None
             raise SearchError(f"--metric {self.spec.metric}: trial {doc['name']} has eval "
                               "statistics but not this one; see `ptutils stats "
                               f"{doc['name']}` for the names")
@@ -316,7 +331,8 @@ class Driver:
             n = len(trials)
             if any(t["state"] not in FINISHED for t in trials[: max(0, n - limit + 1)]):
                 break
-            history = [_told(t) for t in trials]
+            known = n - limit + 1  # trials before it are finished: their records are final
+            history = [_told(t) if t["n"] < known else _running(t) for t in trials]
             values = ask(self.spec.algo, self.space, self.spec.seed, n, history, self.spec.mode)
             bracket = n % len(self.brackets)
             trials.append({"n": n, "name": f"{self.name}-{n}", "params": [[k, v] for k, v in
@@ -362,9 +378,11 @@ class Driver:
         cfg["name"] = t["name"]
         import torch
 
+        size = world_size_of(cfg)  # routed as `ptutils submit` routes a session
         meta = {"torch": torch.__version__, "threads": self.plan.threads,
-                "search": self.name, "trial": t["n"], "params": t["params"],
-                **self.executor.session_meta()}
+                "queue": train_queue(self.spec.queue, size), "world_size": size,
+                "priority": self.spec.priority, "search": self.name, "trial": t["n"],
+                "params": t["params"]}
         doc = new_session_doc(t["name"], cfg, config_hash(cfg), t["budget"],
                               tags=[*(cfg.get("tags") or []), f"search:{self.name}"],
                               status=SessionStatus.QUEUED, meta=meta)
@@ -406,9 +424,11 @@ class Driver:
                    if e["step"] != p["step"]]
         cfg = {**ddoc["config"], "name": doc["config"].get("name", t["name"]),
                "session": {**ddoc["config"]["session"], "total_steps": p["step"]}}
+        route = {k: v for k, v in (ddoc.get("meta") or {}).items()
+                 if k in ("queue", "world_size", "priority")}  # the donor's config, its route
         self._cas(doc, {  # PBT: the member takes the donor's whole config, then perturbs
             "config": cfg, "config_hash": config_hash(cfg), "code": ddoc.get("code") or [],
-            "meta": {**(doc.get("meta") or {}), "lineage": [*lineage, entry],
+            "meta": {**(doc.get("meta") or {}), **route, "lineage": [*lineage, entry],
                      "params": donor["params"]},
         })
 
@@ -445,6 +465,12 @@ def _told(t: Mapping[str, Any]) -> dict[str, Any]:
     return {"params": t["params"], "state": state, "value": t["value"], "rungs": t["rungs"]}
 
 
+def _running(t: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial that may be live when trial n is asked, as the sampler sees it: running,
+    nothing reported (what it reported so far depends on timing)."""
+    return {"params": t["params"], "state": "running", "value": None, "rungs": []}
+
+
 def best_trial(body: Mapping[str, Any]) -> dict[str, Any] | None:
     """The best trial that trained to the end (value at the last rung)."""
     mode = body["spec"]["mode"]
@@ -460,8 +486,11 @@ def steps_spent(body: Mapping[str, Any]) -> int:
 
 
 def decisions(body: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """The decision log without free text order dependence: (kind, trial, step, detail)."""
-    return [(e["kind"], e["trial"], e["step"], e["detail"]) for e in body["log"]]
+    """The decisions (kind, trial, step, detail), each trial's in the order taken, trial
+    by trial, then `done`: what a search decided, whatever the worker timing (the log
+    interleaves trials as their evals happened to arrive)."""
+    return [(e["kind"], e["trial"], e["step"], e["detail"]) for e in sorted(
+        body["log"], key=lambda e: (e["kind"] == "done", e["trial"] or 0, e["seq"]))]
 
 
 def eval_task(doc: dict[str, Any], step: int) -> Task:

@@ -40,9 +40,6 @@ class LocalExecutor:
     def evaluate(self, doc: dict[str, Any], step: int) -> None:
         self.queue.append(eval_task(doc, step))
 
-    def session_meta(self) -> dict[str, Any]:
-        return {}
-
     def pump(self) -> bool:
         """Run the next task; its successors go to the back of the queue."""
         if not self.queue:

@@ -1,11 +1,13 @@
 """Optuna samplers through ask/tell, on a study rebuilt for every ask.
 
 Trial n is asked from a fresh in-memory study that holds exactly what trial n may know,
-whatever the timing: the trials before it that are finished (told: complete, stopped at
-a rung = pruned with its rung values, or failed) and the ones still running, replayed
-in trial order; the sampler is seeded with (seed, n). The same records give the same
-ask, in-process or on the cluster, and after a killed driver restarts. No Optuna
-database: our store holds the records.
+whatever the timing: the driver asks it once trials 0..n-P are finished (P live at
+most) and passes those as told (complete, stopped at a rung = pruned with its rung
+values, or failed), and trials n-P+1..n-1 as running with nothing reported (what they
+reported by then depends on the workers' timing), replayed in trial order; the sampler
+is seeded with (seed, n). The same records give the same ask, in-process or on the
+cluster, and after a killed driver restarts. No Optuna database: our store holds the
+records.
 """
 
 from __future__ import annotations
