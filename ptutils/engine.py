@@ -360,7 +360,7 @@ class Engine:
                     task.start)
         self._release(task)
         return Outcome(task, False, f"group failed: {result.reason}; retrying from step "
-                       f"{task.start}", step=task.start, successors=[task], retry_after=1.0)
+                       f"{task.start}", step=task.start, retry_after=1.0)
 
     def _eval_missing(self, doc: dict[str, Any], start: int) -> int | None:
         """The latest Eval step a chunk from `start` needs, if its result is not in yet."""

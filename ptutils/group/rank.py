@@ -41,7 +41,9 @@ def main(argv: list[str]) -> int:
     files = GroupFiles(os.path.dirname(spec_path))
     rank = int(os.environ["RANK"])
     try:
-        result = _run(json.loads(open(spec_path).read()), files, rank)
+        spec = json.loads(open(spec_path).read())
+        die_with_parent(int(spec["parent"]))
+        result = _run(spec, files, rank)
     except BaseException as exc:  # noqa: BLE001 - reported to the supervisor, then exit 1
         files.write_result(rank, {"error": {
             "type": type(exc).__name__, "message": str(exc),
@@ -51,6 +53,27 @@ def main(argv: list[str]) -> int:
         return 1
     files.write_result(rank, result)
     return 0
+
+
+def _exit(code: int) -> None:
+    """Leave without the interpreter's shutdown (native threads of the process group
+    or the store can hang it); the result is written and the streams flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its supervisor dies (Linux: PR_SET_PDEATHSIG), so a
+    killed supervisor leaves no rank behind; a supervisor already gone: exit now. (Set
+    here, not in a preexec_fn, which can deadlock a supervisor that runs threads.)"""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        raise GroupAbort(f"the supervisor (pid {parent}) is gone")
 
 
 def _is_group_error(exc: BaseException) -> bool:
@@ -221,4 +244,4 @@ def _progress_writer(files: Any) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    _exit(main(sys.argv[1:]))

@@ -41,6 +41,9 @@ log = logging.getLogger("ptutils.group")
 POLL_S = 0.1
 """Seconds between two looks at the ranks."""
 
+EXIT_GRACE_S = 5.0
+"""Seconds a rank that wrote its result may take to exit before it is killed."""
+
 DEFAULT_STARTUP_TIMEOUT = 300.0
 """Seconds a rank may take to build, load or save without a heartbeat."""
 
@@ -160,22 +163,12 @@ def _start(files: GroupFiles, store_url: str, doc: Mapping[str, Any], devices: S
                 procs.append(subprocess.Popen(
                     [python, "-m", "ptutils.group.rank", str(files.spec)],
                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
+                    start_new_session=True,  # no preexec_fn: unsafe with threads
                 ))
     except BaseException:
         _kill_all(procs)
         raise
     return procs
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the supervisor dies (Linux), so a killed
-    supervisor leaves no rank behind (the ranks also watch their parent's pid)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _watch(files: GroupFiles, procs: list[subprocess.Popen[bytes]], stop_flag: Any,
@@ -187,6 +180,7 @@ def _watch(files: GroupFiles, procs: list[subprocess.Popen[bytes]], stop_flag: A
     changed = [now] * world
     stop_sent = False
     offset = 0
+    finished = 0.0
     while True:
         if progress is not None:
             offset = _forward_progress(files, offset, progress)
@@ -197,10 +191,17 @@ def _watch(files: GroupFiles, procs: list[subprocess.Popen[bytes]], stop_flag: A
             return _failed(files, procs, "the lease was lost (another worker owns the session)")
         codes = [p.poll() for p in procs]
         bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        bad += [r for r, c in enumerate(codes) if c == 0 and files.read_result(r) is None]
         if bad:
             r = bad[0]
-            return _failed(files, procs, f"rank {r} exited with {_describe(codes[r])}")
-        if all(c == 0 for c in codes):
+            what = _describe(codes[r]) if codes[r] else "status 0 and no result"
+            return _failed(files, procs, f"rank {r} exited with {what}")
+        reported = all(c == 0 or files.result_path(r).exists() for r, c in enumerate(codes))
+        if reported:
+            finished = finished or time.monotonic()
+        if all(c == 0 for c in codes) or (
+            reported and time.monotonic() - finished > EXIT_GRACE_S
+        ):  # a rank that reported and hangs in its exit is killed (finally, below)
             if progress is not None:
                 _forward_progress(files, offset, progress)
             return _finished(files, procs)
@@ -234,6 +235,7 @@ def _forward_progress(files: GroupFiles, offset: int, progress: ProgressFn) -> i
 
 
 def _finished(files: GroupFiles, procs: list[subprocess.Popen[bytes]]) -> GroupResult:
+    _kill_all(procs)
     codes = [p.returncode for p in procs]
     result = files.read_result(0)
     if result is None or "reached" not in result:
