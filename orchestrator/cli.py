@@ -214,14 +214,11 @@ def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, 
             "start a new session (CONFIG --set ... --name NEW_NAME)",
             param_hint="--set")
     store = open_store_or_fail(store_url, create=False)
-    config = None
-    if overrides:
-        try:
-            config = apply_overrides(store.get_session(target)["config"], list(overrides))
-        except SessionNotFound:
-            config = None  # resume_session says so, with the way out
-    doc = resume_session(store, target, config=config, allow_resize=allow_resize)
-    if doc.get("code"):
+    try:
+        stored = store.get_session(target)
+    except SessionNotFound:
+        stored = None  # resume_session says so, with the way out
+    if stored is not None and stored.get("code"):
         # The session's own .py files come from the store here, not from this disk. The
         # person running `ptutils run --resume NAME` is this process's operator and has
         # asked for exactly this session: trust its stored code (and only in here).
@@ -229,6 +226,10 @@ def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, 
 
         current = policy.current()
         policy.configure(policy.Policy(current.allow, trust_session_code=True))
+    config = None
+    if overrides and stored is not None:
+        config = apply_overrides(stored["config"], list(overrides))
+    doc = resume_session(store, target, config=config, allow_resize=allow_resize)
     return doc, None, store
 
 

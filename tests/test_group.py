@@ -153,10 +153,10 @@ def test_one_rank_sigkilled_stops_the_group_and_the_run_recovers(tmp_path, refer
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "fault").exists()
     assert watcher.max_live <= 2, "the dead group's ranks were gone before the next started"
-    assert len(watcher.seen) >= 4 or time.monotonic() - started > 0, watcher.seen
+    assert len(watcher.seen) >= 4, f"a new group replaced the broken one: {watcher.seen}"
+    assert "rank 1 exited with signal SIGKILL" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 120
     assert_same_run(reference, store)
-    with open_store(store) as s:
-        assert s.get_session("small")["attempts"] == 0
 
 
 def test_a_hung_rank_is_detected_and_the_run_recovers(tmp_path, reference):
@@ -164,7 +164,7 @@ def test_a_hung_rank_is_detected_and_the_run_recovers(tmp_path, reference):
     path = write(tmp_path, group_config(tmp_path, step=step, rank=1, action="hang"))
     store = tmp_path / "runs-d"
     started = time.monotonic()
-    proc, watcher = run_watched(["run", str(path), "--store", str(store), "-q", "-v"], store,
+    proc, watcher = run_watched(["-v", "run", str(path), "--store", str(store), "-q"], store,
                                 env={"PTUTILS_HANG_TIMEOUT": str(HANG_TIMEOUT)})
     assert proc.returncode == 0, proc.stderr
     assert "made no progress" in proc.stderr and "hung" in proc.stderr
@@ -205,7 +205,6 @@ def test_two_ranks_train_on_the_union_of_their_shards(tmp_path):
     assert net1.keys() == net2.keys()
     for k in net1:
         assert torch.allclose(net1[k], net2[k], rtol=1e-4, atol=1e-5), k
-    assert any(not torch.equal(net1[k], net2[k]) for k in net1) or True
     loss1 = [p["value"] for p in stats_one if p["name"] == "loss"]
     loss2 = [p["value"] for p in stats_two if p["name"] == "loss"]
     assert loss1 == pytest.approx(loss2, rel=1e-4), "the logged loss is the global batch's"
@@ -239,8 +238,14 @@ def test_the_group_checkpoint_loads_into_a_single_process_session(tmp_path, refe
     doc, ckpt, state, stats = final_state(reference, "small")
     assert [p["step"] for p in stats if p["name"] == "test/accuracy"] == [20, 40]
     assert not any(k.startswith("module.") for k in state["trainer"]["model"]["network"])
+    from ptutils import policy
+
     cfg = {**doc["config"], "session": {**doc["config"]["session"], "world_size": 1}}
-    session = build_session(cfg, doc.get("code"), place=False)
+    previous = policy.configure(policy.Policy(trust_session_code=True))  # group_killer.py
+    try:
+        session = build_session(cfg, doc.get("code"), place=False)
+    finally:
+        policy.configure(previous)
     session.load_state_dict(state)
     assert session.saved_world_size() == 2
     metrics = session.evaluator.evaluate(session.model, session.data)
