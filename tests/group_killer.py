@@ -3,7 +3,8 @@
 `RankFault(step=N, marker=PATH, rank=R, action=...)` acts in rank R when step N is
 logged, unless the marker file exists (it creates it first, so the retried or resumed
 run goes past step N): `kill` SIGKILLs that rank's own process, `kill_parent` SIGKILLs
-its supervisor (the `ptutils run` process), `hang` sleeps forever.
+its supervisor (the `ptutils run` process), `term_parent` sends it SIGTERM (a
+preemption), `hang` sleeps forever.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class RankFault(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.action == "kill_parent":
             os.kill(os.getppid(), signal.SIGKILL)
+        elif self.action == "term_parent":  # preemption: the supervisor gets SIGTERM
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(1.0)  # the supervisor's stop request lands before the next step
         elif self.action == "hang":
             while True:
                 time.sleep(3600)

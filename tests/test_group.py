@@ -139,9 +139,41 @@ def test_supervisor_sigkilled_then_resumed_is_bit_identical(tmp_path, reference)
     killed, _ = run_watched(["run", str(path), "--store", str(store), "-q"], store)
     assert killed.returncode == -9, killed.stderr
     assert (tmp_path / "fault").exists()
+    with open_store(store) as s:  # the dead supervisor's lease names the devices it held
+        assert s.get_session("small")["lease"]["devices"] == ["", ""]
     resumed, _ = run_watched(["run", str(path), "--store", str(store), "-q", "--resume"], store)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(reference, store)
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_one_preempt_checkpoint(tmp_path, reference):
+    path = write(tmp_path, group_config(tmp_path, step=27, rank=0, action="term_parent"))
+    store = tmp_path / "runs-p"
+    stopped, _ = run_watched(["run", str(path), "--store", str(store), "-q"], store)
+    assert stopped.returncode == 130, stopped.stderr
+    with open_store(store) as s:
+        doc = s.get_session("small")
+        assert doc["status"] == "paused" and 27 <= doc["step"] < 40
+        ckpt = s.get_checkpoint(doc["_id"])
+        assert (ckpt["step"], ckpt["kind"]) == (doc["step"], "preempt")
+        assert s.load_state(ckpt)["group"]["world_size"] == 2
+    resumed, _ = run_watched(["run", "--resume", "small", "--store", str(store), "-q"], store)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(reference, store)
+
+
+def test_an_error_of_the_session_in_a_rank_fails_it_with_the_reason(tmp_path):
+    (tmp_path / "fault").write_text("x")
+    cfg = group_config(tmp_path, total_steps=20)
+    cfg["model"]["optimizer"] = {"type": "torch.optim.SGD", "lr": 1.0e30}
+    cfg["model"]["scheduler"] = None
+    store = tmp_path / "runs-n"
+    proc, _ = run_watched(["run", str(write(tmp_path, cfg)), "--store", str(store), "-q"], store)
+    assert proc.returncode == 1 and "NanLossError" in proc.stderr, proc.stderr
+    with open_store(store) as s:
+        doc = s.get_session("small")
+    assert doc["status"] == "failed" and "NanLossError" in doc["error"]["message"]
+    assert "Traceback" in doc["error"]["traceback"] and "nan" in doc["error"]["traceback"].lower()
 
 
 def test_one_rank_sigkilled_stops_the_group_and_the_run_recovers(tmp_path, reference):
