@@ -50,10 +50,12 @@ class Trainer(Module):
         self._carried = [float(v) for v in state.get("pending_losses", [])]
 
     def _pending_values(self) -> list[float]:
+        if not self._pending:  # the same on every rank of a group: no collective
+            return []
+        losses = torch.stack(self._pending).float()
         if self._reduce is not None:  # every rank calls this at the same steps
-            losses = torch.stack(self._pending).float() if self._pending else torch.zeros(0)
             return self._reduce(losses).tolist()
-        return torch.stack(self._pending).float().tolist() if self._pending else []
+        return losses.tolist()
 
     def step(self) -> torch.Tensor:
         """One training step on the next `model.accumulate` batches; the detached (mean)

@@ -19,6 +19,9 @@ Exact resume rests on three rules:
   global one, and one iterator runs across epochs (an endless batch sampler over
   (epoch, index) pairs), so workers do not restart at epoch boundaries.
 
+In a group session (ptutils.group) the batch sampler yields only the rank's part of
+each global batch (`TorchSource.shard`); the position stays global.
+
 Why not torchdata's `StatefulDataLoader`: its state snapshots the sampler, the fetcher
 and every worker (RNG states, iterator internals): large, tied to library versions,
 and taken while batches are in flight. Here the order and every sample's randomness

@@ -41,6 +41,9 @@ log = logging.getLogger("ptutils.group")
 POLL_S = 0.1
 """Seconds between two looks at the ranks."""
 
+FAILURE_GRACE_S = 2.0
+"""Seconds the other ranks get to fail on their own when one failed (to find which)."""
+
 EXIT_GRACE_S = 5.0
 """Seconds a rank that wrote its result may take to exit before it is killed."""
 
@@ -114,7 +117,7 @@ def run_group(
     process group timeout (default: hang_timeout + 30 s), so no collective waits forever.
     """
     world = len(devices)
-    files = GroupFiles(tempfile.mkdtemp(prefix="ptutils-group-"))
+    files = GroupFiles(tempfile.mkdtemp(prefix="group-", dir=_groups_root()))
     try:
         files.spec.write_text(json.dumps({
             "session": doc["_id"],
@@ -135,6 +138,31 @@ def run_group(
                 if path.exists():
                     log.debug("rank %d log:\n%s", r, path.read_text()[-4000:])
         shutil.rmtree(files.root, ignore_errors=True)
+
+
+def _groups_root() -> str:
+    """The folder of the group folders; those of supervisors that died are removed."""
+    root = os.path.join(tempfile.gettempdir(), f"ptutils-groups-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for name in os.listdir(root):
+        files = GroupFiles(os.path.join(root, name))
+        try:
+            parent = int(json.loads(files.spec.read_text())["parent"])
+        except (OSError, ValueError, KeyError):
+            continue  # being written; or not ours to judge
+        if not _alive(parent):
+            shutil.rmtree(files.root, ignore_errors=True)
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _start(files: GroupFiles, store_url: str, doc: Mapping[str, Any], devices: Sequence[str],
@@ -193,9 +221,7 @@ def _watch(files: GroupFiles, procs: list[subprocess.Popen[bytes]], stop_flag: A
         bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
         bad += [r for r, c in enumerate(codes) if c == 0 and files.read_result(r) is None]
         if bad:
-            r = bad[0]
-            what = _describe(codes[r]) if codes[r] else "status 0 and no result"
-            return _failed(files, procs, f"rank {r} exited with {what}")
+            return _failed(files, procs, _root_cause(files, procs))
         reported = all(c == 0 or files.result_path(r).exists() for r, c in enumerate(codes))
         if reported:
             finished = finished or time.monotonic()
@@ -242,6 +268,31 @@ def _finished(files: GroupFiles, procs: list[subprocess.Popen[bytes]]) -> GroupR
         return GroupResult(False, "rank 0 exited without a result", ranks=codes)
     return GroupResult(True, "ok", reached=int(result["reached"]),
                        stop_reason=result.get("stop_reason"), ranks=codes)
+
+
+def _root_cause(files: GroupFiles, procs: list[subprocess.Popen[bytes]]) -> str:
+    """Which rank broke the group: its peers fail soon after (a collective whose peer is
+    gone), so wait for them a moment, then name a killed rank before a failed one."""
+    deadline = time.monotonic() + FAILURE_GRACE_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(POLL_S)
+    codes = [p.poll() for p in procs]
+
+    def order(r: int) -> int:
+        code, result = codes[r], files.read_result(r) or {}
+        if code is not None and code < 0:
+            return 0  # killed by a signal
+        if code and result.get("error") and not result.get("group_error"):
+            return 1  # an error of its own
+        if code == 0 and not result:
+            return 2
+        return 3 if code else 4  # a broken collective; still running or done
+    r = min(range(len(procs)), key=order)
+    code = codes[r]
+    what = "status 0 and no result" if code == 0 else _describe(code)
+    others = ", ".join(f"rank {i}: {_describe(c) if c is not None else 'running'}"
+                       for i, c in enumerate(codes) if i != r)
+    return f"rank {r} exited with {what} ({others})"
 
 
 def _failed(files: GroupFiles, procs: list[subprocess.Popen[bytes]], reason: str) -> GroupResult:
