@@ -132,10 +132,15 @@ def main(verbose: int) -> None:
 @click.option("--force", is_flag=True,
               help="Delete an existing session with this name and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--allow-resize", is_flag=True,
+              help="With --resume: continue on another session.world_size (CONFIG with "
+                   "another value, or --set session.world_size=N). The run is then no "
+                   "longer bit-identical to one that kept its size.")
 @allow_imports_option(apply=True)
 @handle_errors
 def run(config: str | None, overrides: tuple[str, ...], name: str | None,
-        store_url: str | None, resume: str | None, force: bool, quiet: bool) -> None:
+        store_url: str | None, resume: str | None, force: bool, quiet: bool,
+        allow_resize: bool) -> None:
     """Train CONFIG in this process, against the embedded store (or any --store).
 
     Runs the session's plan: Train chunks of `session.chunk_steps` steps, each ending in a
@@ -148,10 +153,14 @@ def run(config: str | None, overrides: tuple[str, ...], name: str | None,
 
     if resume is not None and config is None and _is_config_file(resume):
         config, resume = resume, ""  # `run --resume exp.yaml`: the flag, then CONFIG
+    if allow_resize and resume is None:
+        raise click.BadParameter("only a resumed session can be resized; add --resume",
+                                 param_hint="--allow-resize")
     if config is None:
-        doc, warm, store = _resume_by_name(resume, name, overrides, store_url)
+        doc, warm, store = _resume_by_name(resume, name, overrides, store_url, allow_resize)
     else:
-        doc, warm, store = _start_or_resume(config, overrides, name, store_url, resume, force)
+        doc, warm, store = _start_or_resume(config, overrides, name, store_url, resume, force,
+                                            allow_resize)
     name = doc["name"]
     if doc["status"] == "completed":
         click.echo(f"session {name} is already complete (step {doc['step']}).")
@@ -164,7 +173,10 @@ def run(config: str | None, overrides: tuple[str, ...], name: str | None,
     from orchestrator.progress import TrainProgress
 
     with TrainProgress(doc, enabled=not quiet) as bar:
-        summary = run_session(store, doc, warm=warm, progress=bar.update, stop_flag=stop)
+        from ptutils.store import resolve_store_url
+
+        summary = run_session(store, doc, warm=warm, progress=bar.update, stop_flag=stop,
+                              store_url=resolve_store_url(store_url))
     if stop.is_set() and summary.status != "completed":
         pause_session(store, doc["_id"])
         click.echo(f"stopped at step {summary.step}; continue with: "
@@ -178,8 +190,11 @@ def _is_config_file(value: str) -> bool:
 
 
 def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, ...],
-                    store_url: str | None) -> tuple[dict[str, Any], Any, Any]:
-    """`run --resume NAME`: the stored session, with the config it was started with."""
+                    store_url: str | None, allow_resize: bool = False
+                    ) -> tuple[dict[str, Any], Any, Any]:
+    """`run --resume NAME`: the stored session, with the config it was started with (only
+    `--set session.world_size=N` may change it, with --allow-resize)."""
+    from ptutils.config import apply_overrides, parse_override
     from ptutils.runner import resume_session
 
     if resume is None:
@@ -192,14 +207,18 @@ def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, 
     if name and resume and name != resume:
         raise click.BadParameter(f"--resume {resume} and --name {name} name two sessions",
                                  param_hint="--name")
-    if overrides:
+    if any(parse_override(o)[0] != ["session", "world_size"] for o in overrides):
         raise click.BadParameter(
-            "a resumed session keeps the config and overrides it was started with; to "
-            "change them, start a new session (CONFIG --set ... --name NEW_NAME)",
+            "a resumed session keeps the config and overrides it was started with (only "
+            "--set session.world_size=N resizes it, with --allow-resize); to change them, "
+            "start a new session (CONFIG --set ... --name NEW_NAME)",
             param_hint="--set")
     store = open_store_or_fail(store_url, create=False)
-    doc = resume_session(store, target)
-    if doc.get("code"):
+    try:
+        stored = store.get_session(target)
+    except SessionNotFound:
+        stored = None  # resume_session says so, with the way out
+    if stored is not None and stored.get("code"):
         # The session's own .py files come from the store here, not from this disk. The
         # person running `ptutils run --resume NAME` is this process's operator and has
         # asked for exactly this session: trust its stored code (and only in here).
@@ -207,12 +226,16 @@ def _resume_by_name(resume: str | None, name: str | None, overrides: tuple[str, 
 
         current = policy.current()
         policy.configure(policy.Policy(current.allow, trust_session_code=True))
+    config = None
+    if overrides and stored is not None:
+        config = apply_overrides(stored["config"], list(overrides))
+    doc = resume_session(store, target, config=config, allow_resize=allow_resize)
     return doc, None, store
 
 
 def _start_or_resume(config: str, overrides: tuple[str, ...], name: str | None,
-                     store_url: str | None, resume: str | None, force: bool
-                     ) -> tuple[dict[str, Any], Any, Any]:
+                     store_url: str | None, resume: str | None, force: bool,
+                     allow_resize: bool = False) -> tuple[dict[str, Any], Any, Any]:
     """`run CONFIG`: a new session (or, with --resume, the one CONFIG names)."""
     from ptutils.runner import load_experiment, prepare_session
 
@@ -231,7 +254,8 @@ def _start_or_resume(config: str, overrides: tuple[str, ...], name: str | None,
         except SessionNotFound:
             pass
     doc, warm = prepare_session(store, cfg, name, resume=resume is not None,
-                                base_dir=os.path.dirname(os.path.abspath(config)))
+                                base_dir=os.path.dirname(os.path.abspath(config)),
+                                allow_resize=allow_resize)
     return doc, warm, store
 
 

@@ -8,6 +8,7 @@ and idempotent (a stale or duplicate delivery is a logged no-op).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -17,6 +18,7 @@ from typing import Any
 
 from ptutils import registry
 from ptutils.errors import CheckpointCorrupt, CheckpointNotFound, PtutilsError, StoreError
+from ptutils.group.slots import LocalSlots, Slots
 from ptutils.module import check_types
 from ptutils.plan import next_tasks, pending_eval_steps, plan_of, train_task
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
@@ -32,7 +34,6 @@ from ptutils.session import Session, apply_determinism
 from ptutils.state import Statistic
 from ptutils.store.base import (
     GC_GRACE_S,
-    CheckpointKind,
     SessionStatus,
     StatPoint,
     Store,
@@ -43,7 +44,16 @@ from ptutils.store.base import (
 
 log = logging.getLogger("ptutils.engine")
 
-__all__ = ["Engine", "Outcome", "ProgressFn", "build_session", "retained_steps"]
+__all__ = [
+    "Engine",
+    "Outcome",
+    "ProgressFn",
+    "ResizeRefused",
+    "build_session",
+    "check_resize",
+    "deliver_evals",
+    "retained_steps",
+]
 
 ProgressFn = Callable[[str, int, float], None]
 """progress(session_id, step, loss), called at every log interval."""
@@ -53,6 +63,17 @@ UNLOADABLE = (CheckpointCorrupt, CheckpointNotFound)
 
 ROLLBACK_ATTEMPTS = 5
 """Compare-and-set attempts of an Eval's rollback against a session that keeps moving."""
+
+SLOTS_RETRY_S = 5.0
+"""Seconds before a group chunk that found too few free device slots is tried again."""
+
+HANG_TIMEOUT_ENV = "PTUTILS_HANG_TIMEOUT"
+"""Seconds a rank of a group session may go without finishing a step (default: the
+lease TTL); it is then declared hung and the group is restarted from its checkpoint."""
+
+
+class ResizeRefused(PtutilsError):
+    """A checkpoint written with another world_size, resumed without --allow-resize."""
 
 
 @dataclass
@@ -90,10 +111,19 @@ class Engine:
         stop_flag: threading.Event | None = None,
         gc_every: float = GC_EVERY_S,
         gc_grace: float = GC_GRACE_S,
-        slots: Any = None,
+        slots: Slots | None = None,
+        store_url: str | None = None,
+        hang_timeout: float | None = None,
     ) -> None:
         """`gc_every`: seconds between store-wide garbage collections (run from Save);
-        `gc_grace`: the age below which nothing unreferenced is collected."""
+        `gc_grace`: the age below which nothing unreferenced is collected.
+
+        A session with `session.world_size` N > 1 trains on N rank processes
+        (ptutils.group): `slots` hands out this node's devices (default: N CPU slots,
+        never refused); `store_url` is how the ranks open the store (default
+        `store.url`; give it when that is redacted, a MongoDB URL with a password);
+        `hang_timeout`: seconds a rank may go without a step before the group is
+        killed and retried (default $PTUTILS_HANG_TIMEOUT, else `lease_ttl`)."""
         self.store = store
         self.worker = worker
         self.lease_ttl = lease_ttl
@@ -101,7 +131,13 @@ class Engine:
         self.stop_flag = stop_flag or threading.Event()
         self.gc_every = gc_every
         self.gc_grace = gc_grace
-        self.slots = slots  # acquire(n, owner) / release(owner): ptutils.slots (issue 10)
+        self.slots: Slots = slots if slots is not None else LocalSlots()
+        self.store_url = store_url
+        env_hang = os.environ.get(HANG_TIMEOUT_ENV)
+        self.hang_timeout = (
+            hang_timeout if hang_timeout is not None
+            else float(env_hang) if env_hang else lease_ttl
+        )
         self._warm: _Warm | None = None
         isolate_library_rngs()  # the store's client is imported by now
 
@@ -148,6 +184,8 @@ class Engine:
             return Outcome(task, False, "lost the session while starting")
         with _Heartbeat(self.store, task.session, self.worker, self.lease_ttl) as hb:
             try:
+                if plan.world_size > 1:
+                    return self._train_group(doc, task, hb)
                 return self._train_leased(doc, task, hb)
             except StoreError:
                 self._release(task)
@@ -171,13 +209,9 @@ class Engine:
             session = self._session_at(doc, task.start)
         except UNLOADABLE as exc:
             return self._roll_back(doc, task, task.start, exc)
-        wait = self._deliver_evals(doc, session, task.start)
+        wait = deliver_evals(self.store, doc, session, task.start)
         if wait is not None:
-            self.store.cas_session(  # release the lease; waiting was not an attempt
-                task.session,
-                {"token": task.token, "lease.worker": self.worker},
-                {"lease": None, "attempts": max(0, int(doc.get("attempts", 1)) - 1)},
-            )
+            self._unlease_waiting(doc, task)
             return Outcome(task, False, f"waiting for Eval({wait})", retry_after=1.0)
         self.store.delete_statistics(task.session, after_step=task.start)
         reason = session.callbacks.stop_reason
@@ -208,14 +242,7 @@ class Engine:
             )
         session.callbacks.fire("on_chunk_end", reached)
         self._write_stats(task.session, stats)
-        total = session.plan.total_steps
-        kind = (
-            CheckpointKind.FINAL
-            if reached == total
-            else CheckpointKind.CHUNK
-            if reached == task.stop
-            else CheckpointKind.PREEMPT
-        )
+        kind = session.plan.checkpoint_kind(reached, task.stop)
         self.store.put_checkpoint(
             task.session,
             reached,
@@ -223,7 +250,18 @@ class Engine:
             session.state_dict(),
             metrics={"loss": session.history.last("loss")},
         )
-        done = reached >= total
+        new = self._commit(doc, task, reached)
+        if new is None:
+            return Outcome(task, False, "fenced out at commit (another worker took over)")
+        self._remember(new, session)
+        return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
+
+    def _commit(self, doc: dict[str, Any], task: Task, reached: int) -> dict[str, Any] | None:
+        """Move the session from the chunk's start to `reached`, whose checkpoint is in
+        the store (CAS on step, token and lease); the new document, or None if fenced out."""
+        plan = plan_of(doc)
+        kind = plan.checkpoint_kind(reached, task.stop)
+        done = reached >= plan.total_steps
         new = self.store.cas_session(
             task.session,
             {"step": task.start, "token": task.token, "lease.worker": self.worker},
@@ -238,9 +276,91 @@ class Engine:
         )
         if new is None:
             self._warm = None
+        return new
+
+    def _unlease_waiting(self, doc: dict[str, Any], task: Task) -> None:
+        """Release the lease of a chunk that waits (an Eval, device slots): not an attempt."""
+        self.store.cas_session(
+            task.session,
+            {"token": task.token, "lease.worker": self.worker},
+            {"lease": None, "attempts": max(0, int(doc.get("attempts", 1)) - 1)},
+        )
+
+    # --- Train on several devices (ptutils.group) -------------------------------------
+    def _train_group(self, doc: dict[str, Any], task: Task, hb: _Heartbeat) -> Outcome:
+        """Train[start, stop) of a world_size > 1 session on rank processes supervised
+        here; rank 0 writes the statistics and the one checkpoint, this commits it."""
+        from ptutils.group.supervisor import run_group
+
+        self._warm = None
+        plan = plan_of(doc)
+        for n in pending_eval_steps(doc, task.start):  # the ranks deliver them
+            if not self.store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n):
+                self._unlease_waiting(doc, task)
+                return Outcome(task, False, f"waiting for Eval({n})", retry_after=1.0)
+        owner = f"{task.session}:{self.worker}"
+        devices = self.slots.acquire(plan.world_size, owner)
+        if devices is None:
+            self._unlease_waiting(doc, task)
+            return Outcome(task, False, f"waiting for {plan.world_size} free device slots",
+                           retry_after=SLOTS_RETRY_S)
+        try:
+            self.store.cas_session(
+                task.session,
+                {"token": task.token, "lease.worker": self.worker},
+                {"lease.devices": list(devices)},
+            )
+            self.store.delete_statistics(task.session, after_step=task.start)
+            progress = None
+            if self.progress is not None:
+                sid = task.session
+                progress = lambda step, loss: self.progress(sid, step, loss)  # noqa: E731
+            result = run_group(
+                self.store_url or self.store.url,
+                doc,
+                task,
+                devices=devices,
+                stop_flag=self.stop_flag,
+                lease_lost=lambda: hb.lost,
+                progress=progress,
+                hang_timeout=self.hang_timeout,
+            )
+        finally:
+            self.slots.release(owner)
+        if hb.lost:
+            return Outcome(task, False, "lease lost during the chunk; work discarded")
+        if not result.ok:
+            return self._group_failed(doc, task, result)
+        if result.stop_reason:
+            return self._finish_early(doc, task, None, result.stop_reason)
+        reached = int(result.reached or task.start)
+        if reached == task.start:
+            self._release(task)
+            return Outcome(
+                task, False, "stopped before the first step", step=reached, successors=[task]
+            )
+        new = self._commit(doc, task, reached)
+        if new is None:
             return Outcome(task, False, "fenced out at commit (another worker took over)")
-        self._remember(new, session)
         return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
+
+    def _group_failed(self, doc: dict[str, Any], task: Task, result: Any) -> Outcome:
+        """A rank's own error fails the session (a corrupt checkpoint rolls it back); a
+        failure of the group (a rank killed or hung) is retried from the checkpoint at
+        the chunk's start: the attempt counts (session.max_attempts)."""
+        err = result.error
+        if err is not None:
+            kinds = {"CheckpointCorrupt": CheckpointCorrupt, "CheckpointNotFound": CheckpointNotFound}
+            if err["type"] in kinds:
+                return self._roll_back(doc, task, task.start, kinds[err["type"]](err["message"]))
+            exc = GroupError(f"{err['type']}: {err['message']}")
+            exc.remote_traceback = err.get("traceback", "")
+            return self._fail(doc, task, exc)
+        log.warning("%s: the group failed (%s); retrying from step %d", task, result.reason,
+                    task.start)
+        self._release(task)
+        return Outcome(task, False, f"group failed: {result.reason}; retrying from step "
+                       f"{task.start}", step=task.start, retry_after=1.0)
 
     def _eval_missing(self, doc: dict[str, Any], start: int) -> int | None:
         """The latest Eval step a chunk from `start` needs, if its result is not in yet."""
@@ -269,25 +389,14 @@ class Engine:
             state = self.store.load_state(ckpt)
             session.load_state_dict(state)
             _check_torch_version(state, doc)
+            check_resize(session, doc, step)
         return session
 
     def _remember(self, doc: dict[str, Any], session: Session) -> None:
         self._warm = _Warm(doc["_id"], doc["config_hash"], session.step, session, get_rng_state())
 
-    def _deliver_evals(self, doc: dict[str, Any], session: Session, start: int) -> int | None:
-        """Feed due eval results to the callbacks in step order; a step still missing."""
-        for n in pending_eval_steps(doc, start):
-            if n <= session.evals_seen:
-                continue
-            points = self.store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)
-            if not points:
-                return n
-            session.callbacks.fire("on_eval_end", n, {p["name"]: p["value"] for p in points})
-            session.evals_seen = n
-        return None
-
     def _finish_early(
-        self, doc: dict[str, Any], task: Task, session: Session, reason: str
+        self, doc: dict[str, Any], task: Task, session: Session | None, reason: str
     ) -> Outcome:
         new = self.store.cas_session(
             task.session,
@@ -304,8 +413,7 @@ class Engine:
         return Outcome(task, new is not None, reason, step=task.start)
 
     def _write_stats(self, session_id: str, stats: list[Statistic]) -> None:
-        points = [StatPoint(s.phase, s.step, s.name, s.value, s.time) for s in stats]
-        self.store.write_statistics(session_id, points)
+        self.store.write_statistics(session_id, stat_points(stats))
 
     def _release(self, task: Task) -> None:
         try:
@@ -317,7 +425,7 @@ class Engine:
         """Record the error on the session (status failed) instead of crashing in a loop."""
         self._warm = None
         message = f"{type(exc).__name__}: {exc}"
-        tb = "".join(traceback.format_exception(exc))
+        tb = getattr(exc, "remote_traceback", "") or "".join(traceback.format_exception(exc))
         log.error("%s failed: %s", task, message)
         if task.kind != TRAIN and SessionStatus(doc["status"]).finished:
             return Outcome(task, False, message, failed=True)
@@ -524,6 +632,47 @@ def build_session(
         registry.allow_imports(config.get("imports") or [], code=code, from_disk=False)
         check_types(config)
         return Session.create(config, place=place)
+
+
+def deliver_evals(store: Store, doc: dict[str, Any], session: Session, start: int) -> int | None:
+    """Feed due eval results to the callbacks in step order; a step still missing."""
+    for n in pending_eval_steps(doc, start):
+        if n <= session.evals_seen:
+            continue
+        points = store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)
+        if not points:
+            return n
+        session.callbacks.fire("on_eval_end", n, {p["name"]: p["value"] for p in points})
+        session.evals_seen = n
+    return None
+
+
+def stat_points(stats: list[Statistic]) -> list[StatPoint]:
+    """Train statistics as the store's points."""
+    return [StatPoint(s.phase, s.step, s.name, s.value, s.time) for s in stats]
+
+
+def check_resize(session: Session, doc: dict[str, Any], step: int) -> None:
+    """ResizeRefused if the State just loaded (at `step` > 0) was written by another
+    world_size than the session's, unless the session allows it (`allow_resize`)."""
+    saved, now = session.saved_world_size(), session.plan.world_size
+    if saved == now or step == 0 or doc.get("allow_resize"):
+        return
+    raise ResizeRefused(
+        f"session {doc.get('name')!r} was checkpointed at step {step} by {saved} rank(s), "
+        f"and session.world_size is now {now}: the per-rank batches and the order of the "
+        "gradient sums change, so the run would no longer be bit-identical to one that "
+        f"kept {saved}. Resume with `ptutils run --resume {doc.get('name')} "
+        "--allow-resize` to accept that (the data position is global: no sample is "
+        "skipped or repeated), or set session.world_size back to "
+        f"{saved}."
+    )
+
+
+class GroupError(PtutilsError):
+    """A rank of a group session failed with an error of the session's own."""
+
+    remote_traceback = ""
 
 
 def _session_of(doc: dict[str, Any]) -> Session:

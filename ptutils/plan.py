@@ -13,7 +13,7 @@ from typing import Any
 from ptutils.config import check_keys
 from ptutils.errors import ConfigError
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
-from ptutils.store.base import SessionStatus
+from ptutils.store.base import CheckpointKind, SessionStatus
 
 MODES = ("min", "max")
 """Whether a smaller or a larger value of a watched metric is better."""
@@ -46,6 +46,7 @@ class Plan:
     deterministic: bool = True
     device: str = "cpu"
     max_attempts: int = 3
+    world_size: int = 1
     retention: Retention = field(default_factory=Retention)
 
     @classmethod
@@ -86,6 +87,20 @@ class Plan:
         )
         need(isinstance(self.threads, int) and self.threads >= 1, "threads", "must be >= 1")
         need(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        need(
+            isinstance(self.world_size, int)
+            and not isinstance(self.world_size, bool)
+            and self.world_size >= 1,
+            "world_size",
+            "must be a positive integer (the number of rank processes, one device each)",
+        )
+        if isinstance(self.world_size, int) and self.world_size > 1:
+            need(
+                self.device in ("cpu", "cuda"),
+                "device",
+                "must be cpu or cuda with session.world_size > 1 (each rank is given its own "
+                "GPU as cuda:0 through CUDA_VISIBLE_DEVICES)",
+            )
         if self.retention.best_mode not in MODES:
             raise ConfigError(
                 f"session.retention.best_mode: must be 'min' or 'max' "
@@ -102,6 +117,12 @@ class Plan:
     def eval_due(self, step: int) -> bool:
         return step == self.total_steps or (self.eval_every > 0 and step % self.eval_every == 0)
 
+    def checkpoint_kind(self, reached: int, stop: int) -> CheckpointKind:
+        """The kind of the checkpoint a Train chunk ending at `reached` (asked to run to
+        `stop`) writes: final at the end, chunk at its boundary, preempt before it."""
+        if reached == self.total_steps:
+            return CheckpointKind.FINAL
+        return CheckpointKind.CHUNK if reached == stop else CheckpointKind.PREEMPT
 
 
 def plan_of(doc: dict[str, Any]) -> Plan:

@@ -31,7 +31,7 @@ from ptutils.plan import train_task
 from ptutils.rng import get_rng_state
 from ptutils.session import Session
 from ptutils.sources import SourceFile, code_for, looks_like_path
-from ptutils.store.base import SessionStatus, Store, new_session_doc
+from ptutils.store.base import SessionStatus, Store, event, new_session_doc, with_event
 from ptutils.warmstart import INIT_CHECKPOINT, warm_start
 from ptutils.warmstart import create_session as create_warm_session
 
@@ -95,16 +95,19 @@ class Summary:
 
 def prepare_session(
     store: Store, config: dict[str, Any], name: str, *, resume: bool = False,
-    base_dir: str | os.PathLike[str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None, allow_resize: bool = False,
 ) -> tuple[dict[str, Any], Session | None]:
     """The session document to run (created, or found for --resume) and a dry-built Session.
 
     A config with `init:` (a warm start) reads its source now (a file relative to
     `base_dir`, the config's folder) and stores the session with its `init` checkpoint.
+    With `resume`, a config that differs from the stored one only in
+    `session.world_size` resizes the session if `allow_resize` (see `resize_session`).
     """
     chash = config_hash(config)
     if resume:
-        return resume_session(store, name, config_hash=chash), None
+        return resume_session(store, name, config_hash=chash, config=config,
+                              allow_resize=allow_resize), None
     try:
         doc = store.get_session(name)
     except SessionNotFound:
@@ -136,9 +139,13 @@ def prepare_session(
     return doc, session
 
 
-def resume_session(store: Store, name: str, *, config_hash: str | None = None) -> dict[str, Any]:
+def resume_session(
+    store: Store, name: str, *, config_hash: str | None = None,
+    config: dict[str, Any] | None = None, allow_resize: bool = False,
+) -> dict[str, Any]:
     """The stored session `name`, made ready to continue with the config it was started
-    with; `config_hash` (of a config given again) must match it.
+    with; `config_hash` (of a config given again, `config`) must match it, except for
+    `session.world_size` when `allow_resize` (`resize_session`).
 
     SessionNotFound if there is no such session; SessionExists if a live process holds
     its lease. A failed, cancelled or paused session runs again with fresh attempts.
@@ -150,7 +157,8 @@ def resume_session(store: Store, name: str, *, config_hash: str | None = None) -
             f"--resume: no session named {name!r} in {store.url}. List the sessions there "
             f"with `ptutils status --store {store.url}`; start a new one without --resume."
         ) from None
-    if config_hash is not None and doc["config_hash"] != config_hash:
+    resized = config is not None and _only_world_size_differs(doc["config"], config)
+    if config_hash is not None and doc["config_hash"] != config_hash and not resized:
         raise ConfigError(
             f"--resume: the config differs from the one session {name!r} was started with "
             f"(hash {doc['config_hash']} vs {config_hash}). `ptutils run --resume {name}` "
@@ -175,7 +183,58 @@ def resume_session(store: Store, name: str, *, config_hash: str | None = None) -
             {"token": doc["token"]},
             {"status": str(SessionStatus.RUNNING), "attempts": 0, "error": None, "lease": None},
         ) or store.get_session(name)
+    if resized or allow_resize:
+        assert config is not None or not resized
+        doc = resize_session(store, doc, config if resized else None, allow_resize=allow_resize)
     return doc
+
+
+def _only_world_size_differs(stored: Mapping[str, Any], given: Mapping[str, Any]) -> bool:
+    """Whether two configs differ, and only in `session.world_size`."""
+    def without(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(cfg)
+        sess = dict(out.get("session") or {})
+        sess.pop("world_size", None)
+        out["session"] = sess
+        return out
+
+    def size(cfg: Mapping[str, Any]) -> Any:
+        return (cfg.get("session") or {}).get("world_size", 1)
+
+    return size(stored) != size(given) and config_hash(without(stored)) == config_hash(without(given))
+
+
+def resize_session(
+    store: Store, doc: dict[str, Any], config: dict[str, Any] | None, *, allow_resize: bool
+) -> dict[str, Any]:
+    """Continue session `doc` with `config` (its config with another `session.world_size`;
+    None: unchanged): refused without `allow_resize`, since the per-rank batches and the
+    gradient sums change. The data position is global (a global batch is the same
+    samples on any number of ranks), so nothing is remapped: no sample is skipped or
+    repeated. Ranks the last State does not have are seeded from (seed, rank, step).
+    Marks the session `allow_resize` so its checkpoints load into the new size."""
+    old = int((doc["config"].get("session") or {}).get("world_size", 1))
+    new = old if config is None else int((config.get("session") or {}).get("world_size", 1))
+    if new != old and not allow_resize:
+        raise ConfigError(
+            f"--resume: session {doc['name']!r} was trained with session.world_size={old}, "
+            f"and this run asks for {new}: the per-rank batches and the order of the "
+            "gradient sums change, so the run would no longer be bit-identical to one that "
+            f"kept {old}. Add --allow-resize to accept that (the data position is global: "
+            "no sample is skipped or repeated), or keep session.world_size="
+            f"{old}."
+        )
+    update: dict[str, Any] = {"allow_resize": True}
+    if config is not None and new != old:
+        build_session(dict(config), doc.get("code"), place=False)  # fails here if bad
+        update.update({"config": config, "config_hash": config_hash(config),
+                       "events": with_event(doc, event(
+                           "resized", f"session.world_size {old} -> {new} at step "
+                           f"{doc['step']} (--allow-resize)", store.now()))})
+    new_doc = store.cas_session(doc["_id"], {"token": doc["token"]}, update)
+    if new_doc is None:
+        raise SessionExists(f"session {doc['name']!r} changed while being resized; try again")
+    return new_doc
 
 
 def pause_session(store: Store, session_id: str) -> dict[str, Any]:
@@ -223,9 +282,14 @@ def run_session(
     warm: Session | None = None,
     progress: ProgressFn | None = None,
     stop_flag: threading.Event | None = None,
+    store_url: str | None = None,
 ) -> Summary:
-    """Run every task of the plan until the session is finished (or stopped)."""
-    engine = Engine(store, worker=local_worker_id(), progress=progress, stop_flag=stop_flag)
+    """Run every task of the plan until the session is finished (or stopped). A session
+    with `session.world_size` N > 1 runs on N local rank processes (CPU slots; the GPUs
+    of this machine for `device: cuda`); `store_url` is how they open the store (needed
+    when `store.url` is redacted: a MongoDB URL with a password)."""
+    engine = Engine(store, worker=local_worker_id(), progress=progress, stop_flag=stop_flag,
+                    slots=_local_slots(doc), store_url=store_url)
     if warm is not None and doc["step"] == 0 and doc.get("checkpoint") in (None, INIT_CHECKPOINT):
         engine.adopt(doc, warm, getattr(warm, "_rng_at_build", None) or get_rng_state())
     started = time.time()
@@ -233,6 +297,12 @@ def run_session(
     while queue:
         task = queue.popleft()
         outcome = engine.run(task)
+        if outcome.retry_after is not None and not outcome.successors and not (
+            stop_flag is not None and stop_flag.is_set()
+        ):  # e.g. a group restarted after a rank died: the attempts bound the retries
+            time.sleep(min(outcome.retry_after, 1.0))
+            queue.append(task)
+            continue
         if outcome.failed:
             err = store.get_session(doc["_id"]).get("error") or {}
             raise TrainingFailed(err.get("message", outcome.reason))
@@ -245,6 +315,52 @@ def run_session(
                 raise PtutilsError(f"{task} did not run: {outcome.reason}")
         queue.extend(outcome.successors)
     return summarize(store, doc["_id"], time.time() - started)
+
+
+def _local_slots(doc: dict[str, Any]) -> Any:
+    """This machine's slots for `ptutils run`: its GPUs ("0", "1", ... from
+    CUDA_VISIBLE_DEVICES or nvidia-smi's count, never by initialising CUDA here) for a
+    CUDA session, else unlimited CPU slots."""
+    from ptutils.plan import plan_of
+
+    plan = plan_of(doc)
+    if plan.world_size == 1 or plan.device != "cuda":
+        return None
+    return _GpuSlots(_visible_gpus())
+
+
+class _GpuSlots:
+    """`ptutils run`'s GPUs: the first n, each used by one rank."""
+
+    def __init__(self, gpus: list[str]) -> None:
+        self.gpus = gpus
+
+    def acquire(self, n: int, owner: str) -> list[str] | None:
+        if n > len(self.gpus):
+            raise ConfigError(
+                f"session.world_size={n} needs {n} GPUs and this machine shows "
+                f"{len(self.gpus)} ({', '.join(self.gpus) or 'none'}); lower "
+                "session.world_size, or run it on a worker that has them"
+            )
+        return self.gpus[:n]
+
+    def release(self, owner: str) -> None:
+        return None
+
+
+def _visible_gpus() -> list[str]:
+    """GPU ids for CUDA_VISIBLE_DEVICES, without initialising CUDA in this process."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def summarize(store: Store, session_id: str, wall: float = 0.0) -> Summary:

@@ -96,6 +96,8 @@ class Session(Module):
         self.evals_seen = 0
         self._name = name
         self._evaluator.check(data_obj)
+        data_obj.check_world_size(self.plan.world_size)
+        self._group: dict[str, Any] | None = None
         model_obj.check_device(self.plan.device)  # the target device, wherever this build runs
         data_obj.pin_for(self.plan.device)  # pin_memory auto: pinned batches for CUDA only
         if model_obj.monitor is not None:
@@ -142,6 +144,23 @@ class Session(Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.evals_seen = int(state.get("evals_seen", 0))
+
+    def load_state_dict(self, state: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Restore a State; a group's State (several ranks, ptutils.group) carries a
+        `group` entry ({world_size, rng: [per-rank RNG states]}) kept aside as `group`:
+        the rest is the State of rank 0, which loads into any Session of the config."""
+        state = dict(state)
+        self._group = state.pop("group", None)
+        return super().load_state_dict(state, **kwargs)
+
+    @property
+    def group(self) -> dict[str, Any] | None:
+        """The `group` entry of the last State loaded (None: written by one process)."""
+        return self._group
+
+    def saved_world_size(self) -> int:
+        """The world size of the last State loaded (1 for a single process's)."""
+        return int((self._group or {}).get("world_size", 1))
 
     def check_shapes(self) -> None:
         """One forward pass on an example batch: a data/network mismatch fails here, early."""

@@ -34,6 +34,13 @@ class Trainer(Module):
         self.log_every = max(1, int(log_every))
         self._pending: list[torch.Tensor] = []
         self._carried: list[float] = []
+        self._reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def reduce_losses_with(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """In a group (ptutils.group), `reduce` averages a 1-D tensor of losses over the
+        ranks; logged and carried losses are then the group's (one collective per log
+        interval, called by every rank at the same steps)."""
+        self._reduce = reduce
 
     def extra_state(self) -> dict[str, Any]:
         return {"pending_losses": self._carried + self._pending_values()}
@@ -43,7 +50,12 @@ class Trainer(Module):
         self._carried = [float(v) for v in state.get("pending_losses", [])]
 
     def _pending_values(self) -> list[float]:
-        return torch.stack(self._pending).float().tolist() if self._pending else []
+        if not self._pending:  # the same on every rank of a group: no collective
+            return []
+        losses = torch.stack(self._pending).float()
+        if self._reduce is not None:  # every rank calls this at the same steps
+            return self._reduce(losses).tolist()
+        return losses.tolist()
 
     def step(self) -> torch.Tensor:
         """One training step on the next `model.accumulate` batches; the detached (mean)

@@ -80,11 +80,12 @@ class WorkerContext:
     """This process's Engine and store, and the stop flag of the task it runs."""
 
     def __init__(self, store: Store, worker: str, *, lease_ttl: float,
-                 slots: NodeSlots | None = None) -> None:
+                 slots: NodeSlots | None = None, store_url: str | None = None) -> None:
         self.store = store
         self.slots = WorkerSlots(slots or NodeSlots.from_env())
+        # store_url: how rank processes open the store (store.url hides a password)
         self.engine = Engine(store, worker=worker, lease_ttl=lease_ttl, slots=self.slots,
-                             progress=self._on_progress)
+                             progress=self._on_progress, store_url=store_url)
         self.shutting_down = threading.Event()
         self._current = threading.Event()
         self._routes: dict[str, tuple[Route, int]] = {}
@@ -230,10 +231,12 @@ def context(hostname: str | None = None) -> WorkerContext:
     global _context
     with _context_lock:
         if _context is None:
-            store = open_store(os.environ.get("PTUTILS_STORE"))
+            url = os.environ.get("PTUTILS_STORE")
+            store = open_store(url)
             worker = f"{hostname or 'celery'}:{os.getpid()}"
             _context = WorkerContext(
-                store, worker, lease_ttl=_env_float("PTUTILS_LEASE_TTL", DEFAULT_LEASE_TTL)
+                store, worker, lease_ttl=_env_float("PTUTILS_LEASE_TTL", DEFAULT_LEASE_TTL),
+                store_url=url,
             )
             if _preemption.signalled:
                 _context.shutdown()

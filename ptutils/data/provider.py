@@ -107,6 +107,7 @@ class DataProvider(Module):
         self._streams = [_Stream(name) for name in self._sources]
         self._counter = _Counter()
         self._columns: dict[str, tuple[tuple[str, torch.Tensor], ...]] = {}
+        self._shard: tuple[int, int] | None = None
 
     # --- configuration ------------------------------------------------------------------
     def _build_readers(self, datasets: Any) -> dict[str, DataReader]:
@@ -202,6 +203,36 @@ class DataProvider(Module):
             ):
                 raise ConfigError(f"{where}.{name}: a weight must be a positive number, got {weight!r}")
         return {str(k): float(v) for k, v in weights.items()}
+
+    def check_world_size(self, world_size: int) -> None:
+        """ConfigError unless every global batch splits evenly over `world_size` ranks."""
+        if world_size == 1:
+            return
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"{self.config_path}.batch_size: {self.batch_size} is the global batch, split "
+                f"evenly over session.world_size={world_size} ranks; make batch_size a "
+                f"multiple of {world_size} (or change session.world_size)"
+            )
+        if not self.drop_last:
+            raise ConfigError(
+                f"{self.config_path}.drop_last: false with session.world_size={world_size}: an "
+                "epoch's last, partial batch cannot be split evenly over the ranks; set "
+                f"{self.config_path}.drop_last: true (or session.world_size: 1)"
+            )
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Make the train stream give rank `rank`'s part of every global batch: samples
+        `[rank*b, (rank+1)*b)` of it, b = batch_size / world_size, chosen before loading.
+        The order and the position stay global (every rank advances the same position),
+        so the union of the ranks' parts is the world_size=1 batch. Eval batches are
+        unchanged. Call before the first batch."""
+        self.check_world_size(world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self._shard = None if world_size == 1 else (rank, world_size)
+        for source in self._torch.values():
+            source.shard = self._shard
 
     # --- reading ------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
@@ -309,6 +340,10 @@ class DataProvider(Module):
         idx = stream.perm[start:start + self.batch_size]  # type: ignore[index]
         stream.position = start + idx.shape[0]
         counter.drawn += 1
+        if self._shard is not None:
+            rank, world = self._shard
+            part = idx.shape[0] // world
+            idx = idx[rank * part:(rank + 1) * part]
         return {key: torch.index_select(t, 0, idx) for key, t in stream.columns}  # type: ignore[union-attr]
 
     def epochs_completed(self) -> int:

@@ -19,6 +19,9 @@ Exact resume rests on three rules:
   global one, and one iterator runs across epochs (an endless batch sampler over
   (epoch, index) pairs), so workers do not restart at epoch boundaries.
 
+In a group session (ptutils.group) the batch sampler yields only the rank's part of
+each global batch (`TorchSource.shard`); the position stays global.
+
 Why not torchdata's `StatefulDataLoader`: its state snapshots the sampler, the fetcher
 and every worker (RNG states, iterator internals): large, tied to library versions,
 and taken while batches are in flight. Here the order and every sample's randomness
@@ -316,9 +319,11 @@ class _TrainBatches(Sampler):  # type: ignore[type-arg]
     """Endless batches of (epoch, index) keys from a position on, epoch after epoch."""
 
     def __init__(self, order: Callable[[int], torch.Tensor], size: int, batch_size: int,
-                 limit: int, epoch: int, position: int) -> None:
+                 limit: int, epoch: int, position: int,
+                 shard: tuple[int, int] | None = None) -> None:
         self.order, self.size, self.batch_size, self.limit = order, size, batch_size, limit
         self.epoch, self.position = epoch, position
+        self.shard = shard
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, position = self.epoch, self.position
@@ -330,6 +335,10 @@ class _TrainBatches(Sampler):  # type: ignore[type-arg]
                 perm = self.order(epoch).tolist()
             chunk = perm[position:position + self.batch_size]
             position += len(chunk)
+            if self.shard is not None:  # this rank's part of the global batch, unloaded
+                rank, world = self.shard
+                part = len(chunk) // world
+                chunk = chunk[rank * part:(rank + 1) * part]
             yield [(epoch, i) for i in chunk]
 
 
@@ -343,6 +352,8 @@ class TorchSource:
         self.options = options
         self.iterable = isinstance(dataset, IterableDataset)
         self.pin = False
+        self.shard: tuple[int, int] | None = None
+        """(rank, world_size): the train stream gives this rank's part of each batch."""
         self._train: Iterator[Any] | None = None
         self._train_at: tuple[int, int] | None = None
         self._eval: DataLoader | None = None  # type: ignore[type-arg]
@@ -429,7 +440,7 @@ class TorchSource:
         if self._train is None or self._train_at != (epoch, position):
             self.close_train()
             sampler = _TrainBatches(self.order, self.size() or 0, self.batch_size, limit,
-                                    epoch, position)
+                                    epoch, position, self.shard)
             self._train = iter(self._loader(_Indexed(self.dataset, self.seed, self.name),
                                             persistent=False, batch_sampler=sampler))
         if position >= limit:
@@ -457,6 +468,10 @@ class TorchSource:
             return self._next_iterable(epoch, position)
         batch = self._checked(batch)
         self._train_at = (epoch, position + 1)
+        if self.shard is not None:  # an IterableDataset has no keys to split: load, slice
+            rank, world = self.shard
+            part = self.batch_size // world
+            batch = {k: v[rank * part:(rank + 1) * part] for k, v in batch.items()}
         return batch, epoch, position + 1
 
     def _start_epoch(self, epoch: int, skip: int) -> None:
