@@ -414,6 +414,7 @@ def test_a_four_slot_node_runs_one_two_rank_and_two_one_rank_sessions_at_once(
 def test_two_rank_session_preempted_on_one_worker_ends_bit_identical_on_another(
         tmp_path, redis_url):
     pytest.importorskip("ptutils.group")
+    from ptutils.group import GroupFiles
     from tests.helpers import assert_bit_identical
 
     app = make_app(redis_url)
@@ -426,14 +427,21 @@ def test_two_rank_session_preempted_on_one_worker_ends_bit_identical_on_another(
     with open_store(tmp_path / "ref") as refs:
         doc = refs.get_session("ref")
         expected = refs.load_state(refs.get_checkpoint(doc["_id"]))
+    groups = tmp_path / "tmp-a"  # the supervisor's group folders (heartbeats) live here
+    groups.mkdir()
     a = Worker("a", redis_url, runs, tmp_path / "w", "--slots", "2",
-               env={"PTUTILS_SLOTS_DIR": str(tmp_path / "node-a")}, step_seconds=0.1)
+               env={"PTUTILS_SLOTS_DIR": str(tmp_path / "node-a"), "TMPDIR": str(groups)},
+               step_seconds=0.1)
     a.wait_ready()
     (s,) = submit(store, app, prepared(tmp_path, 2, "pair"))
-    wait_for(lambda: store.get_session(s.session)["step"] == 20
-             and (store.get_session(s.session).get("lease") or {}).get("devices"),
-             120, "Train[20,40) under way on a", alive=a)
-    time.sleep(1.0)
+
+    def training_past_20() -> bool:
+        if store.get_session(s.session)["step"] != 20:
+            return False
+        beats = [GroupFiles(p.parent).read_beat(0) for p in groups.glob("*/*/beat.0")]
+        return any(b is not None and b[0] == "train" and b[1] >= 6 for b in beats)
+
+    wait_for(training_past_20, 120, "Train[20,40) training on a", alive=a)
     a.kill(signal.SIGTERM)
     assert a.proc.wait(timeout=40) == 0
     doc = store.get_session(s.session)
