@@ -140,6 +140,14 @@ def test_killed_driver_resumes_with_no_trial_lost_or_run_twice(tmp_path: Path) -
         assert_bit_identical(
             k.load_state(k.get_checkpoint(k.get_session(best["name"])["_id"])),
             r.load_state(r.get_checkpoint(r.get_session(best["name"])["_id"])))
+    # Seeing it: the table of trials, and the plots a person would rather look at.
+    table, _ = _cli("status", "k", "--store", str(tmp_path / "ref")).communicate(timeout=60)
+    assert f"best: trial {best['n']} " in table, table
+    assert all(f"\n{n} " in table or f"\n{n}  " in table for n in range(6)), table
+    png = tmp_path / "search.png"
+    plot, _ = _cli("plot", "k", "-o", str(png), "--store", str(tmp_path / "ref")).communicate(
+        timeout=120)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
 
 def test_pbt_records_lineage_and_exploits_write_no_segment_bytes(tmp_path: Path) -> None:
