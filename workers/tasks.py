@@ -96,6 +96,7 @@ class WorkerContext:
         stop = threading.Event()
         self._current = stop
         self.engine.stop_flag = stop
+        self._marked = None  # every chunk takes a new lease: record its devices again
         if self.shutting_down.is_set():
             stop.set()
 
