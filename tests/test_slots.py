@@ -420,7 +420,9 @@ def test_two_rank_session_preempted_on_one_worker_ends_bit_identical_on_another(
     app = make_app(redis_url)
     runs = str(tmp_path / "runs")
     store = open_store(runs)
-    path = _config(tmp_path)
+    # Chunks of 60 steps at 0.1 s: SIGTERM lands mid-chunk even on a loaded machine.
+    steps = {"total_steps": 120, "chunk_steps": 60, "eval_every": 60}
+    path = _config(tmp_path, **steps)
     ref = ptutils("run", str(path), "--set", "session.world_size=2", "--name", "ref",
                   "--store", str(tmp_path / "ref"), "-q", timeout=300)
     assert ref.returncode == 0, ref.stderr
@@ -433,15 +435,15 @@ def test_two_rank_session_preempted_on_one_worker_ends_bit_identical_on_another(
                env={"PTUTILS_SLOTS_DIR": str(tmp_path / "node-a"), "TMPDIR": str(groups)},
                step_seconds=0.1)
     a.wait_ready()
-    (s,) = submit(store, app, prepared(tmp_path, 2, "pair"))
+    (s,) = submit(store, app, prepared(tmp_path, 2, "pair", **steps))
 
     def training_past_20() -> bool:
-        if store.get_session(s.session)["step"] != 20:
+        if store.get_session(s.session)["step"] != 60:
             return False
         beats = [GroupFiles(p.parent).read_beat(0) for p in groups.glob("*/*/beat.0")]
         return any(b is not None and b[0] == "train" and b[1] >= 6 for b in beats)
 
-    wait_for(training_past_20, 120, "Train[20,40) training on a", alive=a)
+    wait_for(training_past_20, 120, "Train[60,120) training on a", alive=a)
     a.kill(signal.SIGTERM)
     assert a.proc.wait(timeout=40) == 0
     doc = store.get_session(s.session)
