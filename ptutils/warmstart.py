@@ -19,7 +19,6 @@ import fnmatch
 import hashlib
 import io
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +175,12 @@ def _load_pt(data: bytes, where: str) -> dict[str, torch.Tensor]:
 
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ...
+        # weights_only refusals are pickle.UnpicklingError; matched by name, so this
+        # module needs no pickle import at all (DESIGN: no pickle in ptutils' code paths)
+        if type(exc).__name__ != "UnpicklingError":
+            raise ConfigError(f"{where}: not a readable torch file: "
+                              f"{type(exc).__name__}: {exc}") from None
         detail = _unpickler_reason(str(exc))
         if "global" not in detail.lower():
             raise ConfigError(f"{where}: not a readable torch file ({detail})") from None
@@ -184,9 +188,6 @@ def _load_pt(data: bytes, where: str) -> dict[str, torch.Tensor]:
             f"{where}: the file holds Python objects that torch.load(weights_only=True) "
             f"refuses ({detail}); ptutils never unpickles them. Save a plain state_dict "
             "(torch.save(model.state_dict(), FILE)) or a .safetensors file.") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ...
-        raise ConfigError(f"{where}: not a readable torch file: "
-                          f"{type(exc).__name__}: {exc}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
