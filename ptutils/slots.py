@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ptutils.errors import ConfigError
+from ptutils.procs import pid_alive
 
 log = logging.getLogger("ptutils.slots")
 
@@ -308,13 +309,7 @@ def _alive(entry: dict[str, Any]) -> bool:
             return False
         start = entry.get("start")
         return start is None or int(stat[19]) == int(start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 class WorkerSlots:

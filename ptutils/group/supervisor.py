@@ -33,6 +33,7 @@ from typing import Any
 
 from ptutils import policy
 from ptutils.group.files import GroupFiles
+from ptutils.procs import pid_alive
 from ptutils.protocol import Task
 from ptutils.sources import is_reference, local
 
@@ -150,18 +151,11 @@ def _groups_root() -> str:
             parent = int(json.loads(files.spec.read_text())["parent"])
         except (OSError, ValueError, KeyError):
             continue  # being written; or not ours to judge
-        if not _alive(parent):
+        if not pid_alive(parent):
             shutil.rmtree(files.root, ignore_errors=True)
     return root
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

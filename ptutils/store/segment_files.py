@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from ptutils.errors import CheckpointCorrupt, StoreError
+from ptutils.procs import pid_alive
 
 if TYPE_CHECKING:
     from ptutils.codec import Segment
@@ -167,13 +168,6 @@ def _mtime(path: Path) -> float:
         return math.inf
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -185,7 +179,7 @@ def _remove_stale_temps(folder: Path, digest: str | None, cutoff: float | None =
         m = _TEMP_RE.match(path.name)
         if m is None:
             continue
-        if _mtime(path) < cutoff or not _pid_alive(int(m.group(2))):
+        if _mtime(path) < cutoff or not pid_alive(int(m.group(2))):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
