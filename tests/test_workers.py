@@ -670,6 +670,28 @@ def test_rabbitmq_chunks_longer_than_the_consumer_timeout_run_once(
     assert "reconcile:" not in log, "nothing was lost, nothing requeued"
 
 
+def test_rabbitmq_a_busy_worker_holds_no_message_that_is_due_later(
+        tmp_path, rabbit_server, store_uri, workers):
+    # Celery keeps a message with a countdown, unacknowledged, in the worker until it is
+    # due. This one is due in 2.5 s and a 3 s chunk starts right after it arrives: held
+    # behind the chunk it would outlive this broker's 2 s consumer_timeout.
+    url = rabbit_server.url
+    a = workers("a", url, store_uri, step_seconds=0.15).wait_ready()
+    app = make_app(url)
+    later = Task(TRAIN, f"gone-{uuid.uuid4().hex[:8]}", "token", start=0, stop=20)
+    mid = send(app, later, Route(), countdown=2.5)
+    wait_for(lambda: f"[{mid}] received" in a.log, 30,
+             "the countdown message reaches the idle worker", alive=a)
+    with MongoStore(store_uri) as store:
+        ids = submit_configs(store, url, tmp_path, 1)
+        wait_done(store, ids, 60, (a,))
+    wait_for(lambda: "session not found" in a.log, 30, "the message due later ran", alive=a)
+    log = a.log
+    assert "PRECONDITION_FAILED" not in log, "the broker cancelled the consumer"
+    assert "waits in its queue, not in a busy worker" in log
+    assert log.count("session not found") == 1
+
+
 def _purge(app: Any, queues: tuple[str, ...]) -> None:
     with app.connection_for_write() as conn:
         for q in queues:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
@@ -81,9 +81,15 @@ class NoPrefetchWhileBusy(bootsteps.StartStopStep):
     would wait in this worker, unacknowledged, behind an hour-long chunk, until the
     broker's consumer_timeout cancels the consumer. So this step stops consuming
     (basic.cancel) before a task is handed to the pool, and consumes again once the
-    pool is idle. A message that still reaches a busy worker (an ETA task coming due,
-    a delivery right after a reconnect) goes back to its queue for an idle worker.
-    Everything here runs in the consumer's event-loop thread.
+    pool is idle. A message that still reaches a busy worker (a delivery right after a
+    reconnect) goes back to its queue for an idle worker.
+
+    A message with a countdown (a task that waits, `retry_after`) is held by Celery,
+    unacknowledged, in the worker's timer until it is due. A worker that becomes busy
+    gives every such message back to its queue at once, and so does a busy worker that
+    receives one: held behind a chunk, it would outlive the consumer_timeout (this was
+    seen with a 1 s countdown, a 2 s timeout and a loaded machine). Everything here runs
+    in the consumer's event-loop thread.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -101,8 +107,17 @@ class NoPrefetchWhileBusy(bootsteps.StartStopStep):
                 state.task_ready(req)
                 return
             handle(req)
+            self._return_scheduled(c)
 
         c.on_task_request = on_task_request
+
+        def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+            if sender is c and request is not None and request.eta \
+                    and getattr(c.pool, "busy", False):
+                c.call_soon(self._return_scheduled, c)  # once the strategy has timed it
+
+        self._on_received = on_received  # signals hold it weakly otherwise
+        signals.task_received.connect(on_received)
 
     def start(self, c: Any) -> None:
         """(Re)connected: resume when the pool is idle; pause if a task runs now."""
@@ -123,6 +138,24 @@ class NoPrefetchWhileBusy(bootsteps.StartStopStep):
             log.warning("could not stop consuming while a task runs", exc_info=True)
         finally:
             self._pausing = False
+        self._return_scheduled(c)
+
+    def _return_scheduled(self, c: Any) -> None:
+        """Give every message waiting in this worker's timer (a countdown not yet due)
+        back to its queue: an idle worker runs it when it is due."""
+        if not getattr(c.pool, "busy", False):
+            return
+        for req in tuple(state.scheduled_requests):
+            entry = req._eta_timer_entry
+            if entry is not None and c.timer is not None:
+                c.timer.cancel(entry)
+            log.info("%s[%s] (due later) waits in its queue, not in a busy worker",
+                     req.name, req.id)
+            try:
+                req.reject(requeue=True)
+            finally:
+                state.task_ready(req)
+                c.qos.decrement_eventually()
 
     def _resume(self, c: Any) -> None:
         """Consume again once the pool is idle (a message may start a task meanwhile)."""
