@@ -39,7 +39,7 @@ from ptutils.slots import (
 from ptutils.store import open_store
 from ptutils.store.base import new_session_doc
 from tests.helpers import digits_config
-from tests.test_workers import Worker, ptutils, wait_for
+from tests.test_workers import FIXTURES, Worker, ptutils, wait_for
 from workers.app import make_app
 from workers.dispatch import queue_depth, reconciler
 from workers.launcher import WorkerOptions, child_command, child_env, node_slots, plan_slots
@@ -237,7 +237,10 @@ def test_launcher_offers_its_slots_and_consumes_every_size_up_to_them(monkeypatc
 
 
 def _config(tmp_path: Path, world_size: int = 1, **session: Any) -> Path:
-    cfg = digits_config(imports=[], callbacks=[], **session)
+    """A digits config whose steps sleep $PTUTILS_TEST_STEP_SECONDS in the processes of
+    a test's worker (`step_seconds`) and nowhere else (SlowSteps: no state, no RNG)."""
+    cfg = digits_config(imports=[FIXTURES], callbacks=[{"type": "worker_fixtures.SlowSteps"}],
+                        **session)
     path = tmp_path / f"ws{world_size}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -385,24 +388,39 @@ def test_a_four_slot_node_runs_one_two_rank_and_two_one_rank_sessions_at_once(
     store = open_store(runs)
     slot_dir = tmp_path / "node"
     node = Worker("node", redis_url, runs, tmp_path / "w", "--slots", "4",
-                  env={"PTUTILS_SLOTS_DIR": str(slot_dir)}, step_seconds=0.1).wait_ready()
+                  env={"PTUTILS_SLOTS_DIR": str(slot_dir)}, step_seconds=0.05).wait_ready()
+    # One chunk per session, so no session lets go of its slots between chunks; the
+    # one-rank sessions train 15 s, over the whole life of the pair (5 s + its start).
+    sizes = {"pair": (2, 100), "one": (1, 300), "two": (1, 300)}
     try:
         ids = {}
-        for name, size in (("pair", 2), ("one", 1), ("two", 1)):
-            (s,) = submit(store, app, prepared(tmp_path, size, name, total_steps=40))
+        for name, (size, steps) in sizes.items():
+            (s,) = submit(store, app, prepared(tmp_path, size, name, total_steps=steps,
+                                               chunk_steps=steps, eval_every=steps))
             ids[name] = s.session
+        seen: dict[str, Any] = {}
 
         def all_running() -> bool:
-            return all((store.get_session(i).get("lease") or {}).get("devices")
-                       for i in ids.values())
+            try:
+                held = json.loads((slot_dir / "slots.json").read_text())["held"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                return False
+            owners = [v["owner"] for v in held.values()]
+            for name, i in ids.items():  # at every look: nobody holds more than it asked
+                assert owners.count(i) <= sizes[name][0], (name, held)
+            assert set(owners) <= set(ids.values()), held
+            leases = {n: store.get_session(i).get("lease") or {} for n, i in ids.items()}
+            if len(held) == 4 and all(v.get("devices") for v in leases.values()):
+                seen.update(held=held, devices={n: v["devices"] for n, v in leases.items()})
+                return True
+            return False
 
-        wait_for(all_running, 90, "the three sessions to run at once", alive=node)
-        held = json.loads((slot_dir / "slots.json").read_text())["held"]
-        owners = sorted(v["owner"] for v in held.values())
+        wait_for(all_running, 120, "the three sessions to run at once", alive=node)
+        held = seen["held"]
         assert sorted(k.rpartition("/")[2] for k in held) == ["cpu0", "cpu1", "cpu2", "cpu3"]
+        owners = sorted(v["owner"] for v in held.values())
         assert owners == sorted([ids["pair"], ids["pair"], ids["one"], ids["two"]])
-        devices = {n: store.get_session(i)["lease"]["devices"] for n, i in ids.items()}
-        assert devices == {"pair": ["", ""], "one": [""], "two": [""]}
+        assert seen["devices"] == {"pair": ["", ""], "one": [""], "two": [""]}
         table = ptutils("status", "--store", runs, env={"COLUMNS": "100"}).stdout
         assert "cpu×2" in table
         wait_for(lambda: all(store.get_session(i)["status"] == "completed"
