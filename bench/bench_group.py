@@ -27,24 +27,17 @@ from pathlib import Path
 
 import yaml
 
+from bench.bench_trainer import _config as trainer_config
 from bench.harness import Goal, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(steps: int, world: int) -> dict:
-    return {
-        "name": f"bench-w{world}",
-        "session": {"total_steps": steps, "chunk_steps": steps, "log_every": 10, "seed": 0,
-                    "world_size": world},
-        "model": {
-            "network": {"type": "ptutils.nets.MLP", "in_features": 64, "hidden": [256, 256],
-                        "out_features": 10},
-            "optimizer": {"type": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9},
-        },
-        "data": {"batch_size": 128, "seed": 0, "datasets": {
-            "train": {"type": "ptutils.data.DigitsReader"}}},
-    }
+    cfg = trainer_config(steps)  # the same model and data as bench_trainer
+    cfg["name"] = f"bench-w{world}"
+    cfg["session"]["world_size"] = world
+    return cfg
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:

@@ -127,27 +127,27 @@ def test_fp16_scaler_state_round_trips(tmp_path):
 # --- amp ------------------------------------------------------------------------------------
 
 
-def test_bf16_on_cpu_runs_the_forward_in_bf16_and_learns():
-    session = Session.create(config(amp="bf16", dropout=0.0))
+def _amp_steps(amp: str, dtype: torch.dtype) -> Session:
+    """60 steps under `amp`: the first layer's outputs are `dtype` and the loss falls."""
+    session = Session.create(config(amp=amp, dropout=0.0))
     seen: list[torch.dtype] = []
     first = next(m for m in session.model.network.modules() if isinstance(m, nn.Linear))
     first.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     losses = [float(session.trainer.step()) for _ in range(60)]
-    assert set(seen) == {torch.bfloat16}
+    assert set(seen) == {dtype}
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    return session
+
+
+def test_bf16_on_cpu_runs_the_forward_in_bf16_and_learns():
+    session = _amp_steps("bf16", torch.bfloat16)
     for name, p in session.model.network.named_parameters():
         assert p.dtype == torch.float32, name
     assert "scaler" not in session.model.state_dict()
 
 
 def test_fp16_on_cpu_runs_the_forward_in_fp16_with_a_grad_scaler():
-    session = Session.create(config(amp="fp16", dropout=0.0))
-    seen: list[torch.dtype] = []
-    first = next(m for m in session.model.network.modules() if isinstance(m, nn.Linear))
-    first.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
-    losses = [float(session.trainer.step()) for _ in range(60)]
-    assert set(seen) == {torch.float16}
-    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    session = _amp_steps("fp16", torch.float16)
     assert session.model.scaler.state_dict()["_growth_tracker"] == 60
 
 

@@ -118,6 +118,14 @@ def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float,
     return out
 
 
+def two_workers(workers: Any, broker: str, store: str, step_seconds: float = STEP_SECONDS
+                ) -> tuple[Any, Any]:
+    """Workers a and b with slow steps, both ready (started together, then waited on)."""
+    a = workers("a", broker, store, step_seconds=step_seconds)
+    b = workers("b", broker, store, step_seconds=step_seconds)
+    return a.wait_ready(), b.wait_ready()
+
+
 def assert_same_search(store: MongoStore, reference: dict[str, Any]) -> None:
     """Same decisions, same best trial, every trial's last checkpoint bit-identical,
     every trial session routed like a submitted one, each metric point written once."""
@@ -140,10 +148,7 @@ def assert_same_search(store: MongoStore, reference: dict[str, Any]) -> None:
 
 def test_search_on_two_workers_decides_as_in_process(
         files, reference, tmp_path, redis_db, store_uri, workers):
-    a = workers("a", redis_db, store_uri, step_seconds=STEP_SECONDS)
-    b = workers("b", redis_db, store_uri, step_seconds=STEP_SECONDS)
-    a.wait_ready()
-    b.wait_ready()
+    a, b = two_workers(workers, redis_db, store_uri)
     started = time.monotonic()
     proc = start_search(files, redis_db, store_uri, tmp_path / "search.log")
     out = finish(proc, tmp_path / "search.log", 120, (a, b))
@@ -161,10 +166,7 @@ def test_search_on_two_workers_decides_as_in_process(
 
 def test_worker_sigkilled_mid_search_changes_nothing(
         files, reference, tmp_path, redis_db, store_uri, workers):
-    a = workers("a", redis_db, store_uri, step_seconds=STEP_SECONDS)
-    b = workers("b", redis_db, store_uri, step_seconds=STEP_SECONDS)
-    a.wait_ready()
-    b.wait_ready()
+    a, b = two_workers(workers, redis_db, store_uri)
     proc = start_search(files, redis_db, store_uri, tmp_path / "search.log")
     with MongoStore(store_uri) as store:
 
@@ -207,10 +209,7 @@ def test_pbt_on_two_workers_exploits_as_in_process(
     ref = run_local(files, tmp_path / "ref", algo="random", scheduler="pbt", trials=4,
                     seed=3)
     assert sum(e["kind"] == "exploit" for e in ref["body"]["log"]) == 2
-    a = workers("a", redis_db, store_uri, step_seconds=STEP_SECONDS / 4)
-    b = workers("b", redis_db, store_uri, step_seconds=STEP_SECONDS / 4)
-    a.wait_ready()
-    b.wait_ready()
+    a, b = two_workers(workers, redis_db, store_uri, STEP_SECONDS / 4)
     proc = start_search(files, redis_db, store_uri, tmp_path / "search.log", options)
     finish(proc, tmp_path / "search.log", 120, (a, b))
     with MongoStore(store_uri) as store:
