@@ -328,6 +328,23 @@ def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
                 as_json=as_json)
 
 
+@main.command()
+@store_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond localhost, actions need the printed token.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@handle_errors
+def ui(store_url: str | None, host: str, port: int) -> None:
+    """A web dashboard of the store's sessions: tables, curves, live updates, cancel."""
+    from orchestrator.status import cancel, session_row
+    from ptutils.ui.app import serve
+    from ptutils.ui.data import Hooks
+
+    store = open_store_or_fail(store_url, create=False)
+    serve(store, store_arg=store.url, host=host, port=port,
+          hooks=Hooks(row=session_row, actions={"cancel": cancel}))
+
+
 from orchestrator import cluster_cli, export  # noqa: E402 - after `main`, which they extend
 
 cluster_cli.register(main)

@@ -1,0 +1,1 @@
+"""`ptutils ui`: a web dashboard over any store (see ptutils.ui.app)."""

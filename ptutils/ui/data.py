@@ -1,0 +1,276 @@
+"""Every store access of the dashboard: lists, details, curves, workers, actions.
+
+One small module of functions over today's `Store` API, so that a faster listing API can
+replace their insides without touching the pages. What the orchestrator decides (how a
+row is shown, how a session is cancelled) comes in as `Hooks` from the caller
+(orchestrator/cli.py): `ptutils/` never imports the layers above it (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ptutils.errors import PtutilsError
+from ptutils.store.base import SessionStatus, Store
+
+PAGE_SIZES = (10, 25, 50, 100, 200)
+"""Rows per page the sessions table offers; anything else is refused."""
+
+SORT_KEYS = ("created", "updated", "name", "status", "step", "sweep")
+"""Columns the sessions table sorts on (stored fields, so a listing index can serve them)."""
+
+FILTER_KEYS = ("status", "name", "tag", "sweep", "q")
+"""Filters of the sessions table: stored status, name (substring), tag, sweep or search
+id, and free text over name, id, tags, sweep and error message."""
+
+MAX_BUCKETS = 4000
+"""Most pixel buckets a curve request may ask for (two points each)."""
+
+Row = Callable[[Store, dict[str, Any], float], dict[str, Any]]
+Action = Callable[[Store, str], dict[str, Any]]
+
+
+class BadRequest(PtutilsError):
+    """A dashboard request with a bad parameter (the message names it)."""
+
+
+def basic_row(store: Store, doc: dict[str, Any], now: float) -> dict[str, Any]:
+    """A table row from the document alone (the CLI passes the orchestrator's richer one)."""
+    lease = doc.get("lease") or {}
+    return {"id": doc["_id"], "name": doc["name"], "status": doc["status"],
+            "state": doc["status"], "step": int(doc["step"]),
+            "total_steps": int(doc["total_steps"]), "worker": lease.get("worker"),
+            "sweep": doc.get("sweep"), "loss": None, "eval": {}}
+
+
+@dataclass
+class Hooks:
+    """What the layer above lends the dashboard: its row builder and its actions."""
+
+    row: Row = basic_row
+    actions: dict[str, Action] = field(default_factory=dict)
+
+
+# --- sessions table -----------------------------------------------------------------------
+def parse_query(params: dict[str, str]) -> tuple[dict[str, str], str, bool, int, int]:
+    """(filters, sort key, descending, page, per page) from a request's query string."""
+    filters = {k: params[k].strip() for k in FILTER_KEYS if params.get(k, "").strip()}
+    sort = params.get("sort") or "created"
+    if sort not in SORT_KEYS:
+        raise BadRequest(f"sort={sort!r}: sort on one of {', '.join(SORT_KEYS)}")
+    if filters.get("status") and filters["status"] not in {s.value for s in SessionStatus}:
+        raise BadRequest(f"status={filters['status']!r}: one of "
+                         f"{', '.join(s.value for s in SessionStatus)}")
+    try:
+        page = max(1, int(params.get("page") or 1))
+        per_page = int(params.get("per_page") or 25)
+    except ValueError as exc:
+        raise BadRequest(f"page and per_page are whole numbers ({exc})") from exc
+    if per_page not in PAGE_SIZES:
+        raise BadRequest(f"per_page={per_page}: one of {', '.join(map(str, PAGE_SIZES))}")
+    return filters, sort, params.get("order", "desc") != "asc", page, per_page
+
+
+def list_sessions(store: Store, filters: dict[str, str], sort: str, descending: bool,
+                  page: int, per_page: int, hooks: Hooks) -> dict[str, Any]:
+    """One page of the sessions table: {total, page, per_page, rows, sweeps}.
+
+    Status, tag and sweep go to the store's indexed `find_sessions`; name and free text
+    are matched here. Rows (with their last metrics) are built for the page only.
+    """
+    docs = store.find_sessions(status=filters.get("status"), sweep=filters.get("sweep"),
+                               tag=filters.get("tag"))
+    name = filters.get("name", "").lower()
+    text = filters.get("q", "").lower()
+    if name:
+        docs = [d for d in docs if name in str(d["name"]).lower()]
+    if text:
+        docs = [d for d in docs if text in _haystack(d)]
+    docs.sort(key=lambda d: _sort_value(d, sort), reverse=descending)
+    start = (page - 1) * per_page
+    now = store.now()
+    rows = [hooks.row(store, d, now) for d in docs[start:start + per_page]]
+    return {"total": len(docs), "page": page, "per_page": per_page, "rows": rows}
+
+
+def _haystack(doc: dict[str, Any]) -> str:
+    error = doc.get("error") or {}
+    parts = [doc["name"], doc["_id"], doc.get("sweep") or "", *(doc.get("tags") or []),
+             error.get("message") or "" if isinstance(error, dict) else str(error)]
+    return " ".join(map(str, parts)).lower()
+
+
+def _sort_value(doc: dict[str, Any], key: str) -> Any:
+    value = doc.get(key)
+    if key in ("created", "updated", "step"):
+        return float(value or 0)
+    return str(value or "")
+
+
+# --- one session ----------------------------------------------------------------------------
+def session_detail(store: Store, ref: str, hooks: Hooks, store_arg: str) -> dict[str, Any]:
+    """Everything the session page shows but its curves."""
+    doc = store.get_session(ref)
+    row = hooks.row(store, doc, store.now())
+    checkpoints = [
+        {k: c.get(k) for k in ("step", "kind", "size", "metrics", "created", "corrupt")}
+        for c in store.list_checkpoints(doc["_id"])
+    ]
+    name = doc["name"]
+    return {
+        "row": row,
+        "config_yaml": yaml.safe_dump(doc.get("config") or {}, sort_keys=False),
+        "events": doc.get("events") or [],
+        "error": doc.get("error"),
+        "checkpoints": checkpoints,
+        "tags": doc.get("tags") or [],
+        "created": doc.get("created"),
+        "updated": doc.get("updated"),
+        "attempts": doc.get("attempts"),
+        "commands": {
+            "resume": f"ptutils run --resume {name} --store {store_arg}",
+            "export": f"ptutils export {name} -o {name}.safetensors --store {store_arg}",
+            "stats": f"ptutils stats {name} --store {store_arg}",
+        },
+        "series": series_names(store, doc),
+    }
+
+
+def series_names(store: Store, doc: dict[str, Any]) -> list[str]:
+    """`phase/name` of the curves a session has: train names seen at its last logged
+    steps, eval names at any step (eval points are few)."""
+    sid, step = doc["_id"], int(doc["step"])
+    recent = store.query_statistics(sid, phase="train", step_min=max(0, step - 64))
+    names = {f"train/{p['name']}" for p in recent}
+    names |= {f"eval/{p['name']}" for p in store.query_statistics(sid, phase="eval")}
+    return sorted(names, key=lambda n: (n != "train/loss", n))
+
+
+# --- curves -----------------------------------------------------------------------------------
+class CurveCache:
+    """Each curve's points as arrays, refreshed from the session's committed step on.
+
+    A first request reads the whole series once; later ones read only the points after
+    the session's committed step (a restarted chunk rewrites those), so a page polling
+    a live run costs a chunk's points, not the run's.
+    """
+
+    def __init__(self, limit: int = 32) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._limit = limit
+
+    def points(self, store: Store, doc: dict[str, Any], phase: str, name: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+        key = (doc["_id"], phase, name)
+        with self._lock:
+            held = self._entries.get(key)
+        if held is None:
+            fresh = store.query_statistics(doc["_id"], phase=phase, name=name)
+            steps, values = _arrays(fresh)
+        else:
+            after = int(doc["step"]) if held[0].size == 0 else min(int(doc["step"]),
+                                                                  int(held[0][-1]))
+            tail = _arrays(store.query_statistics(doc["_id"], phase=phase, name=name,
+                                                  step_min=after + 1))
+            keep = held[0] <= after
+            steps = np.concatenate([held[0][keep], tail[0]])
+            values = np.concatenate([held[1][keep], tail[1]])
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (steps, values)
+            while len(self._entries) > self._limit:
+                self._entries.pop(next(iter(self._entries)))
+        return steps, values
+
+
+def _arrays(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.fromiter((p["step"] for p in points), dtype=np.int64, count=len(points))
+    values = np.fromiter((p["value"] for p in points), dtype=np.float64, count=len(points))
+    return steps, values
+
+
+def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache
+          ) -> dict[str, Any]:
+    """One curve (`phase/name`), min/max-downsampled to `buckets` pixel columns.
+
+    {series, steps, values, points (stored), nonfinite (steps of NaN/inf values, which
+    a chart cannot draw), last_step}.
+    """
+    phase, sep, name = series.partition("/")
+    if not sep or phase not in ("train", "eval") or not name:
+        raise BadRequest(f"series={series!r}: give it as train/NAME or eval/NAME")
+    if not 1 <= buckets <= MAX_BUCKETS:
+        raise BadRequest(f"buckets={buckets}: between 1 and {MAX_BUCKETS}")
+    doc = store.get_session(ref)
+    steps, values = cache.points(store, doc, phase, name)
+    finite = np.isfinite(values)
+    nonfinite = steps[~finite][:100].tolist()
+    xs, ys = downsample(steps[finite], values[finite], buckets)
+    return {"series": series, "steps": xs.tolist(), "values": ys.tolist(),
+            "points": int(steps.size), "nonfinite": nonfinite,
+            "last_step": int(steps[-1]) if steps.size else None}
+
+
+def downsample(steps: np.ndarray, values: np.ndarray, buckets: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each of `buckets` equal step ranges, in step order: a spike of one
+    point stays visible at any zoom-out. Steps must be ascending."""
+    if steps.size <= 2 * buckets:
+        return steps, values
+    lo, hi = int(steps[0]), int(steps[-1])
+    bucket = ((steps - lo) * buckets) // (hi - lo + 1)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    counts = np.diff(np.r_[starts, steps.size])
+    mins = np.minimum.reduceat(values, starts)
+    maxs = np.maximum.reduceat(values, starts)
+    owner = np.repeat(np.arange(starts.size), counts)
+    first_min = _first_true(values == mins[owner], owner, starts.size)
+    first_max = _first_true(values == maxs[owner], owner, starts.size)
+    picks = np.unique(np.concatenate([first_min, first_max]))
+    return steps[picks], values[picks]
+
+
+def _first_true(mask: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
+    """The first index where `mask` holds, per group (every group has one)."""
+    idx = np.flatnonzero(mask)
+    _, first = np.unique(owner[idx], return_index=True)
+    assert first.size == groups
+    return idx[first]
+
+
+# --- workers and actions ----------------------------------------------------------------------
+def workers(store: Store) -> list[dict[str, Any]]:
+    """Workers seen through the leases of queued/running sessions: what each runs, on
+    which devices, and when its lease (renewed by heartbeat) expires."""
+    now = store.now()
+    found: dict[str, dict[str, Any]] = {}
+    for doc in store.find_sessions(status=["queued", "running"]):
+        lease = doc.get("lease") or {}
+        if not lease.get("worker"):
+            continue
+        w = found.setdefault(lease["worker"], {"worker": lease["worker"], "sessions": [],
+                                               "devices": [], "expires_in": None})
+        expires_in = float(lease.get("expires", 0)) - now
+        w["sessions"].append({"id": doc["_id"], "name": doc["name"], "step": doc["step"],
+                              "total_steps": doc["total_steps"]})
+        w["devices"] += [d for d in lease.get("devices") or [] if d not in w["devices"]]
+        w["expires_in"] = max(expires_in, w["expires_in"] or expires_in)
+    for w in found.values():
+        w["alive"] = w["expires_in"] > 0
+    return sorted(found.values(), key=lambda w: w["worker"])
+
+
+def act(store: Store, ref: str, action: str, hooks: Hooks) -> dict[str, Any]:
+    """Run one of the lent actions (cancel, ...) on a session; the new row."""
+    if action not in hooks.actions:
+        raise BadRequest(f"action {action!r}: this server offers "
+                         f"{', '.join(sorted(hooks.actions)) or 'none'}")
+    doc = hooks.actions[action](store, ref)
+    return hooks.row(store, doc, store.now())
