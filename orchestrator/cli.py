@@ -336,13 +336,13 @@ def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
 @handle_errors
 def ui(store_url: str | None, host: str, port: int) -> None:
     """A web dashboard of the store's sessions: tables, curves, live updates, cancel."""
-    from orchestrator.status import cancel, session_row
+    from orchestrator.status import cancel, display_state, session_row
     from ptutils.ui.app import serve
     from ptutils.ui.data import Hooks
 
     store = open_store_or_fail(store_url, create=False)
     serve(store, store_arg=store.url, host=host, port=port,
-          hooks=Hooks(row=session_row, actions={"cancel": cancel}))
+          hooks=Hooks(row=session_row, state=display_state, actions={"cancel": cancel}))
 
 
 from orchestrator import cluster_cli, export  # noqa: E402 - after `main`, which they extend

@@ -21,17 +21,16 @@ from selenium.webdriver.support.ui import Select
 from ptutils.store import open_store
 from ptutils.store.base import new_session_doc
 from ptutils.ui.data import downsample
+from tests import test_workers as cluster
 from tests.helpers import digits_config
-from tests.test_workers import (  # noqa: F401 - fixtures
-    redis_db,
-    store_uri,
-    submit_configs,
-    workers,
-)
 from tests.ui_browser import UiServer, chromium, renders, screenshot, wait_render, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"alpha-1": 1, "alpha-2": 2, "beta-1": 3}
+
+redis_db = cluster.redis_db  # fixtures: a fresh redis database, MongoDB, worker processes
+store_uri = cluster.store_uri
+workers = cluster.workers
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +79,10 @@ def test_sessions_table_filters_sorts_and_pages(browser, ui_local):
     assert sorted(table_names(browser)) == sorted(RUNS)
     assert {r.get_attribute("data-state") for r in
             browser.find_elements(By.CSS_SELECTOR, "#sessions tbody tr")} == {"completed"}
+    first = browser.find_element(By.CSS_SELECTOR, "#sessions tbody tr")
+    assert "60/60" in first.text and "test/accuracy=" in first.text  # step, last eval
+    loss = first.find_elements(By.TAG_NAME, "td")[3].text
+    assert float(loss) > 0, "the last train loss is shown"
     screenshot(browser, "sessions")
 
     seen = renders(browser)
@@ -181,7 +184,7 @@ def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
     reload, and its cancel button (no token: localhost) stops the run on the worker."""
     worker = workers("w1", redis_db, store_uri, step_seconds=0.1)
     with open_store(store_uri) as store:
-        [sid] = submit_configs(store, redis_db, tmp_path / "cfg", 1, name="live",
+        [sid] = cluster.submit_configs(store, redis_db, tmp_path / "cfg", 1, name="live",
                                total_steps=400, chunk_steps=10, eval_every=100)
         worker.wait_ready()
         server = UiServer(store_uri, tmp_path)

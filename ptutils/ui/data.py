@@ -33,6 +33,7 @@ MAX_BUCKETS = 4000
 """Most pixel buckets a curve request may ask for (two points each)."""
 
 Row = Callable[[Store, dict[str, Any], float], dict[str, Any]]
+State = Callable[[Store, dict[str, Any], float], tuple[str, "int | None"]]
 Action = Callable[[Store, str], dict[str, Any]]
 
 
@@ -40,13 +41,15 @@ class BadRequest(PtutilsError):
     """A dashboard request with a bad parameter (the message names it)."""
 
 
+def stored_state(store: Store, doc: dict[str, Any], now: float) -> tuple[str, int | None]:
+    """The stored status as the state shown (the CLI lends the orchestrator's richer one:
+    running, lost, waiting, preempted, ...)."""
+    return str(doc["status"]), None
+
+
 def basic_row(store: Store, doc: dict[str, Any], now: float) -> dict[str, Any]:
-    """A table row from the document alone (the CLI passes the orchestrator's richer one)."""
-    lease = doc.get("lease") or {}
-    return {"id": doc["_id"], "name": doc["name"], "status": doc["status"],
-            "state": doc["status"], "step": int(doc["step"]),
-            "total_steps": int(doc["total_steps"]), "worker": lease.get("worker"),
-            "sweep": doc.get("sweep"), "loss": None, "eval": {}}
+    """One session's row (the CLI lends the orchestrator's `status` row instead)."""
+    return table_rows(store, [doc], now, stored_state)[0]
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Hooks:
     """What the layer above lends the dashboard: its row builder and its actions."""
 
     row: Row = basic_row
+    state: State = stored_state
     actions: dict[str, Action] = field(default_factory=dict)
 
 
@@ -95,8 +99,60 @@ def list_sessions(store: Store, filters: dict[str, str], sort: str, descending: 
     docs.sort(key=lambda d: _sort_value(d, sort), reverse=descending)
     start = (page - 1) * per_page
     now = store.now()
-    rows = [hooks.row(store, d, now) for d in docs[start:start + per_page]]
+    rows = table_rows(store, docs[start:start + per_page], now, hooks.state)
     return {"total": len(docs), "page": page, "per_page": per_page, "rows": rows}
+
+
+def table_rows(store: Store, docs: list[dict[str, Any]], now: float, state: State
+               ) -> list[dict[str, Any]]:
+    """Rows of the sessions table: the documents plus their last metrics, read in a few
+    batched queries (one for eval points, one per cluster of nearby steps for the train
+    loss) rather than several per row."""
+    ids = [d["_id"] for d in docs]
+    evals: dict[str, dict[int, dict[str, float]]] = {}
+    for p in store.query_statistics(ids, phase="eval") if ids else []:
+        evals.setdefault(p["session"], {}).setdefault(p["step"], {})[p["name"]] = p["value"]
+    loss: dict[str, float] = {}
+    for lo, hi, group in _step_groups(docs):
+        wanted = {d["_id"]: int(d["step"]) for d in group}
+        for p in store.query_statistics(list(wanted), phase="train", name="loss",
+                                        step_min=lo, step_max=hi):
+            if p["step"] == wanted[p["session"]]:
+                loss[p["session"]] = p["value"]
+    rows = []
+    for d in docs:
+        shown, waiting = state(store, d, now)
+        lease = d.get("lease") or {}
+        error = d.get("error") or {}
+        last = max(evals.get(d["_id"], {}), default=None)
+        rows.append({
+            "id": d["_id"], "name": d["name"], "status": d["status"], "state": shown,
+            "waiting_for": waiting, "step": int(d["step"]), "total_steps": int(d["total_steps"]),
+            "loss": loss.get(d["_id"]), "eval_step": last,
+            "eval": evals[d["_id"]][last] if last is not None else {},
+            "worker": lease.get("worker") if shown == "running" else None,
+            "sweep": d.get("sweep"), "tags": d.get("tags") or [],
+            "created": float(d.get("created") or 0),
+            "updated_ago": now - float(d.get("updated") or now),
+            "error": error.get("message") if isinstance(error, dict) else str(error),
+        })
+    return rows
+
+
+STEP_SPAN = 1024
+"""Steps apart that two sessions of a page may be and still share one loss query."""
+
+
+def _step_groups(docs: list[dict[str, Any]]) -> list[tuple[int, int, list[dict[str, Any]]]]:
+    """(lowest step, highest step, documents) of sessions whose steps lie close together."""
+    groups: list[tuple[int, int, list[dict[str, Any]]]] = []
+    for d in sorted((d for d in docs if int(d["step"])), key=lambda d: int(d["step"])):
+        step = int(d["step"])
+        if groups and step - groups[-1][0] <= STEP_SPAN:
+            groups[-1] = (groups[-1][0], step, [*groups[-1][2], d])
+        else:
+            groups.append((step, step, [d]))
+    return groups
 
 
 def _haystack(doc: dict[str, Any]) -> str:

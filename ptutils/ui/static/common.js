@@ -28,6 +28,7 @@ const ui = {
     ui.renders += 1;
     document.body.dataset.renders = ui.renders;
     document.body.dataset.lastMs = (performance.now() - started).toFixed(1);
+    document.body.dataset.renderedAt = performance.now().toFixed(1);
     if (ui.renders === 1) document.body.dataset.firstPaint = performance.now().toFixed(1);
   },
   showError(err) {
