@@ -81,7 +81,7 @@ def test_sessions_table_filters_sorts_and_pages(browser, ui_local):
             browser.find_elements(By.CSS_SELECTOR, "#sessions tbody tr")} == {"completed"}
     first = browser.find_element(By.CSS_SELECTOR, "#sessions tbody tr")
     assert "60/60" in first.text and "test/accuracy=" in first.text  # step, last eval
-    loss = first.find_elements(By.TAG_NAME, "td")[3].text
+    loss = first.find_elements(By.TAG_NAME, "td")[4].text
     assert float(loss) > 0, "the last train loss is shown"
     screenshot(browser, "sessions")
 
@@ -134,6 +134,22 @@ def test_session_page_shows_its_curves_config_and_checkpoints(browser, ui_local)
                "the eval accuracy curve (3 evals)")
     assert renders(browser) >= seen
     screenshot(browser, "session-eval-log")
+
+
+def test_compare_overlays_the_chosen_sessions(browser, ui_local):
+    browser.get(ui_local.url + "/?name=")
+    wait_render(browser, 0)
+    for name in ("alpha-1", "beta-1"):
+        row = browser.find_element(By.XPATH, f"//tr[td/a[text()='{name}']]")
+        row.find_element(By.CSS_SELECTOR, "input.pick").click()
+    browser.find_element(By.ID, "compare").click()
+    wait_until(lambda: "/compare?ids=" in browser.current_url, 30, "the compare page")
+    wait_render(browser, 0)
+    chart = browser.find_element(By.ID, "chart")
+    assert chart.get_attribute("data-series") == "2"
+    legend = browser.find_element(By.CSS_SELECTOR, ".u-legend").text
+    assert "alpha-1" in legend and "beta-1" in legend
+    screenshot(browser, "compare")
 
 
 def test_downsampling_keeps_every_spike_and_bounds_the_points():

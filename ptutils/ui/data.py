@@ -256,7 +256,7 @@ def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache
           ) -> dict[str, Any]:
     """One curve (`phase/name`), min/max-downsampled to `buckets` pixel columns.
 
-    {series, steps, values, points (stored), nonfinite (steps of NaN/inf values, which
+    {series, name (the session's), steps, values, points (stored), nonfinite (steps of NaN/inf values, which
     a chart cannot draw), last_step}.
     """
     phase, sep, name = series.partition("/")
@@ -269,7 +269,7 @@ def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache
     finite = np.isfinite(values)
     nonfinite = steps[~finite][:100].tolist()
     xs, ys = downsample(steps[finite], values[finite], buckets)
-    return {"series": series, "steps": xs.tolist(), "values": ys.tolist(),
+    return {"series": series, "name": doc["name"], "steps": xs.tolist(), "values": ys.tolist(),
             "points": int(steps.size), "nonfinite": nonfinite,
             "last_step": int(steps[-1]) if steps.size else None}
 

@@ -1,6 +1,7 @@
 // The sessions table: filters, sorting and paging happen on the server; polled live.
 "use strict";
 const state = {sort: "created", order: "desc", page: 1, total: 0, seq: 0};
+const chosen = new Set();  // sessions ticked for the compare page, kept across redraws
 const form = document.getElementById("filters");
 
 function query() {
@@ -16,6 +17,7 @@ function evalText(ev) {
 
 function row(r) {
   return `<tr data-id="${ui.esc(r.id)}" data-state="${ui.esc(r.state)}">
+    <td><input type="checkbox" class="pick" value="${ui.esc(r.id)}"${chosen.has(r.id) ? " checked" : ""}></td>
     <td><a href="/session/${encodeURIComponent(r.id)}">${ui.esc(r.name)}</a></td>
     <td class="state-${ui.esc(r.state)}">${ui.esc(r.state)}</td>
     <td>${r.step}/${r.total_steps}</td><td>${ui.num(r.loss)}</td><td>${evalText(r.eval)}</td>
@@ -45,6 +47,15 @@ async function load() {
     ui.rendered(started);
   } catch (err) { ui.showError(err); }
 }
+
+document.querySelector("#sessions tbody").addEventListener("change", ev => {
+  if (!ev.target.classList.contains("pick")) return;
+  if (ev.target.checked) chosen.add(ev.target.value); else chosen.delete(ev.target.value);
+  document.getElementById("compare").disabled = chosen.size < 1;
+});
+document.getElementById("compare").onclick = () => {
+  location.href = "/compare?ids=" + [...chosen].map(encodeURIComponent).join(",");
+};
 
 let typing;
 form.addEventListener("input", () => {
