@@ -48,6 +48,9 @@ def local_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
+    with open_store(folder / "runs") as store:  # one sweep over the seed, as submit makes
+        for name in RUNS:
+            assert store.cas_session(store.get_session(name)["_id"], {}, {"sweep": "seeds"})
     return folder / "runs"
 
 
@@ -70,7 +73,7 @@ def ui_local(local_runs: Path, tmp_path: Path) -> Iterator[UiServer]:
 
 
 def table_names(browser: Any) -> list[str]:
-    return [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#sessions tbody td a")]
+    return [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#sessions tbody td:nth-child(2) a")]
 
 
 def test_sessions_table_filters_sorts_and_pages(browser, ui_local):
@@ -150,6 +153,20 @@ def test_compare_overlays_the_chosen_sessions(browser, ui_local):
     legend = browser.find_element(By.CSS_SELECTOR, ".u-legend").text
     assert "alpha-1" in legend and "beta-1" in legend
     screenshot(browser, "compare")
+
+
+def test_sweep_page_plots_the_parameter_against_the_metric(browser, ui_local):
+    browser.get(ui_local.url + "/")
+    wait_render(browser, 0)
+    browser.find_element(By.LINK_TEXT, "seeds").click()
+    wait_until(lambda: "/sweep?sweep=seeds" in browser.current_url, 30, "the sweep page")
+    wait_render(browser, 0)
+    assert [o.text for o in Select(browser.find_element(By.ID, "param")).options] == [
+        "session.seed"]
+    assert Select(browser.find_element(By.ID, "metric")).first_selected_option.text \
+        == "eval/test/accuracy"
+    assert browser.find_element(By.ID, "chart").get_attribute("data-points") == "3"
+    screenshot(browser, "sweep")
 
 
 def test_downsampling_keeps_every_spike_and_bounds_the_points():

@@ -82,6 +82,12 @@ def create_app(store: Store, *, store_arg: str, token: str | None,
                                        request.query_params.get("series", "train/loss"),
                                        buckets, cache))
 
+    def sweep(request: Request) -> Response:
+        name = request.query_params.get("sweep")
+        if not name:
+            raise BadRequest("sweep=NAME is needed: the sweep or search to show")
+        return JSONResponse(data.sweep_points(store, name, request.query_params.get("metric")))
+
     def workers(request: Request) -> Response:
         return JSONResponse({"workers": data.workers(store)})
 
@@ -106,6 +112,8 @@ def create_app(store: Store, *, store_arg: str, token: str | None,
         Route("/session/{ref}", page("session.html")),
         Route("/workers", page("workers.html")),
         Route("/compare", page("compare.html")),
+        Route("/sweep", page("sweep.html")),
+        Route("/api/sweep", sweep),
         Route("/api/info", info),
         Route("/api/sessions", sessions),
         Route("/api/sessions/{ref}", session),

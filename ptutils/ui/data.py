@@ -301,6 +301,41 @@ def _first_true(mask: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
     return idx[first]
 
 
+# --- a sweep or search -------------------------------------------------------------------------
+def sweep_points(store: Store, sweep: str, metric: str | None) -> dict[str, Any]:
+    """The sessions of a sweep or search as points: the config values that differ between
+    them (numbers only) and their last value of `metric` (`eval/NAME`; default: the first
+    eval metric found)."""
+    docs = store.find_sessions(sweep=sweep)
+    ids = [d["_id"] for d in docs]
+    last: dict[str, dict[str, tuple[int, float]]] = {}
+    for p in store.query_statistics(ids, phase="eval") if ids else []:
+        seen = last.setdefault(p["session"], {})
+        if p["name"] not in seen or p["step"] >= seen[p["name"]][0]:
+            seen[p["name"]] = (p["step"], p["value"])
+    metrics = sorted({n for s in last.values() for n in s})
+    name = metric.removeprefix("eval/") if metric else (metrics[0] if metrics else "")
+    flat = {d["_id"]: _numbers(d.get("config") or {}) for d in docs}
+    keys = sorted({k for f in flat.values() for k in f})
+    params = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
+    rows = [{"id": d["_id"], "name": d["name"], "params": {k: flat[d["_id"]].get(k)
+                                                          for k in params},
+             "value": last.get(d["_id"], {}).get(name, (None, None))[1]} for d in docs]
+    return {"sweep": sweep, "metric": f"eval/{name}" if name else None,
+            "metrics": [f"eval/{m}" for m in metrics], "params": params, "sessions": rows}
+
+
+def _numbers(config: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_numbers(value, path + "."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[path] = float(value)
+    return out
+
+
 # --- workers and actions ----------------------------------------------------------------------
 def workers(store: Store) -> list[dict[str, Any]]:
     """Workers seen through the leases of queued/running sessions: what each runs, on

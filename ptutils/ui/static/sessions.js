@@ -21,7 +21,8 @@ function row(r) {
     <td><a href="/session/${encodeURIComponent(r.id)}">${ui.esc(r.name)}</a></td>
     <td class="state-${ui.esc(r.state)}">${ui.esc(r.state)}</td>
     <td>${r.step}/${r.total_steps}</td><td>${ui.num(r.loss)}</td><td>${evalText(r.eval)}</td>
-    <td>${ui.esc(r.worker)}</td><td>${ui.esc(r.sweep)}</td>
+    <td>${ui.esc(r.worker)}</td>
+    <td>${r.sweep ? `<a href="/sweep?sweep=${encodeURIComponent(r.sweep)}">${ui.esc(r.sweep)}</a>` : ""}</td>
     <td>${r.created ? ui.time(r.created) : ""}</td>
     <td>${r.updated_ago !== undefined ? Math.round(r.updated_ago) + " s ago" : ""}</td></tr>`;
 }
