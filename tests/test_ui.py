@@ -23,7 +23,16 @@ from ptutils.store.base import new_session_doc
 from ptutils.ui.data import downsample
 from tests import test_workers as cluster
 from tests.helpers import digits_config
-from tests.ui_browser import UiServer, chromium, renders, screenshot, wait_render, wait_until
+from tests.ui_browser import (
+    UiServer,
+    chromium,
+    click,
+    renders,
+    screenshot,
+    texts,
+    wait_render,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"alpha-1": 1, "alpha-2": 2, "beta-1": 3}
@@ -72,20 +81,22 @@ def ui_local(local_runs: Path, tmp_path: Path) -> Iterator[UiServer]:
         server.stop()
 
 
+def ui_local_store(server: UiServer) -> str:
+    return server.api("/api/info")["store"]
+
+
 def table_names(browser: Any) -> list[str]:
-    return [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#sessions tbody td:nth-child(2) a")]
+    return texts(browser, "#sessions tbody td:nth-child(2) a")
 
 
 def test_sessions_table_filters_sorts_and_pages(browser, ui_local):
     browser.get(ui_local.url + "/")
     wait_render(browser, 0)
     assert sorted(table_names(browser)) == sorted(RUNS)
-    assert {r.get_attribute("data-state") for r in
-            browser.find_elements(By.CSS_SELECTOR, "#sessions tbody tr")} == {"completed"}
-    first = browser.find_element(By.CSS_SELECTOR, "#sessions tbody tr")
-    assert "60/60" in first.text and "test/accuracy=" in first.text  # step, last eval
-    loss = first.find_elements(By.TAG_NAME, "td")[4].text
-    assert float(loss) > 0, "the last train loss is shown"
+    assert set(texts(browser, "#sessions tbody td:nth-child(3)")) == {"completed"}
+    assert set(texts(browser, "#sessions tbody td:nth-child(4)")) == {"60/60"}
+    assert all(float(loss) > 0 for loss in texts(browser, "#sessions tbody td:nth-child(5)"))
+    assert all("test/accuracy=" in e for e in texts(browser, "#sessions tbody td:nth-child(6)"))
     screenshot(browser, "sessions")
 
     seen = renders(browser)
@@ -142,10 +153,11 @@ def test_session_page_shows_its_curves_config_and_checkpoints(browser, ui_local)
 def test_compare_overlays_the_chosen_sessions(browser, ui_local):
     browser.get(ui_local.url + "/?name=")
     wait_render(browser, 0)
-    for name in ("alpha-1", "beta-1"):
-        row = browser.find_element(By.XPATH, f"//tr[td/a[text()='{name}']]")
-        row.find_element(By.CSS_SELECTOR, "input.pick").click()
-    browser.find_element(By.ID, "compare").click()
+    with open_store(ui_local_store(ui_local)) as store:
+        ids = [store.get_session(name)["_id"] for name in ("alpha-1", "beta-1")]
+    for sid in ids:
+        click(browser, f"tr[data-id='{sid}'] input.pick")
+    click(browser, "#compare")
     wait_until(lambda: "/compare?ids=" in browser.current_url, 30, "the compare page")
     wait_render(browser, 0)
     chart = browser.find_element(By.ID, "chart")
@@ -158,7 +170,7 @@ def test_compare_overlays_the_chosen_sessions(browser, ui_local):
 def test_sweep_page_plots_the_parameter_against_the_metric(browser, ui_local):
     browser.get(ui_local.url + "/")
     wait_render(browser, 0)
-    browser.find_element(By.LINK_TEXT, "seeds").click()
+    click(browser, "#sessions a[href='/sweep?sweep=seeds']")
     wait_until(lambda: "/sweep?sweep=seeds" in browser.current_url, 30, "the sweep page")
     wait_render(browser, 0)
     assert [o.text for o in Select(browser.find_element(By.ID, "param")).options] == [
@@ -236,7 +248,17 @@ def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
                        "the page to show the session running")
             screenshot(browser, "session-live")
 
-            browser.find_element(By.ID, "cancel").click()
+            browser.get(f"{server.url}/workers")  # the worker, what it runs, its lease
+            wait_until(lambda: "live-1" in "".join(texts(browser, "#workers tbody")), 30,
+                       "the workers page to list the worker running live-1")
+            assert texts(browser, "#workers tbody td")[0].startswith("w1-")
+            screenshot(browser, "workers")
+
+            browser.get(f"{server.url}/session/{sid}")
+            wait_render(browser, 0)
+            wait_until(lambda: browser.find_element(By.ID, "cancel").is_displayed(), 30,
+                       "the cancel button (offered on localhost without a token)")
+            click(browser, "#cancel")
             wait_until(lambda: browser.find_element(By.ID, "state").text == "cancelled", 30,
                        "the page to show the session cancelled")
             doc = store.get_session(sid)

@@ -85,9 +85,15 @@ class UiServer:
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, *,
                alive: UiServer | None = None, interval: float = 0.05) -> Any:
+    """`pred()` once it is true; an element redrawn under it (stale) counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = pred()
+        try:
+            value = pred()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         if alive is not None and alive.proc.poll() is not None:
@@ -123,6 +129,18 @@ def wait_render(browser: Any, after: int, timeout: float = 30) -> int:
     """Wait until the page drew its data more than `after` times; the new count."""
     return wait_until(lambda: renders(browser) > after and renders(browser), timeout,
                       f"the page to render (more than {after} times)")
+
+
+def texts(browser: Any, css: str) -> list[str]:
+    """The text of every element matching `css`, read at one instant (the pages redraw
+    their tables while they poll, so element handles go stale)."""
+    return list(browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText)", css))
+
+
+def click(browser: Any, css: str) -> None:
+    """Click the element matching `css` as it is now (found and clicked in one go)."""
+    browser.execute_script("document.querySelector(arguments[0]).click()", css)
 
 
 def screenshot(browser: Any, name: str) -> Path:
