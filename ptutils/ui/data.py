@@ -32,6 +32,9 @@ id, and free text over name, id, tags, sweep and error message."""
 MAX_BUCKETS = 4000
 """Most pixel buckets a curve request may ask for (two points each)."""
 
+CACHE_POINTS = 8_000_000
+"""Statistic points the curve cache keeps in memory (16 bytes each), over all curves."""
+
 Row = Callable[[Store, dict[str, Any], float], dict[str, Any]]
 State = Callable[[Store, dict[str, Any], float], tuple[str, "int | None"]]
 Action = Callable[[Store, str], dict[str, Any]]
@@ -217,10 +220,10 @@ class CurveCache:
     a live run costs a chunk's points, not the run's.
     """
 
-    def __init__(self, limit: int = 32) -> None:
+    def __init__(self, max_points: int = CACHE_POINTS) -> None:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self._limit = limit
+        self._max_points = max_points
 
     def points(self, store: Store, doc: dict[str, Any], phase: str, name: str
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -241,9 +244,12 @@ class CurveCache:
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = (steps, values)
-            while len(self._entries) > self._limit:
-                self._entries.pop(next(iter(self._entries)))
+            while len(self._entries) > 1 and self._held() > self._max_points:
+                self._entries.pop(next(iter(self._entries)))  # the least recently used
         return steps, values
+
+    def _held(self) -> int:
+        return sum(steps.size for steps, _ in self._entries.values())
 
 
 def _arrays(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
