@@ -273,3 +273,12 @@ def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
             screenshot(browser, "session-cancelled")
         finally:
             server.stop()
+
+
+def test_ui_refuses_a_folder_that_holds_no_store(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "ui", "--store", str(tmp_path / "nothing")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "nothing" in proc.stderr and not (tmp_path / "nothing").exists()
