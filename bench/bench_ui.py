@@ -23,6 +23,9 @@ from ptutils.store import open_store
 from ptutils.store.base import SessionStatus, StatPoint, Store, new_session_doc
 from tests.ui_browser import UiServer, chromium, renders, screenshot, wait_render
 
+SHOTS = Path(__file__).resolve().parent / "results" / "ui"
+"""The benchmark's screenshots (the tests' go to build/screenshots)."""
+
 FULL = {"sessions": 10_000, "points": 1_000_000, "repeat": 3}
 QUICK = {"sessions": 1_000, "points": 100_000, "repeat": 2}
 TARGET_S = 1.0
@@ -91,18 +94,18 @@ def measure(store_url: str, folder: Path, browser: Any, p: dict[str, Any], label
         curve_cold = first_paint(browser, f"{server.url}/session/big")
         drawn = int(browser.execute_script(
             "return +document.getElementById('chart').dataset.points"))
-        screenshot(browser, f"bench-{label}-session-1M")
+        screenshot(browser, f"bench-{label}-session-1M", SHOTS)
         curve_warm = [first_paint(browser, f"{server.url}/session/big")
                       for _ in range(p["repeat"])]
         paint = [first_paint(browser, server.url + "/") for _ in range(p["repeat"])]
-        screenshot(browser, f"bench-{label}-sessions")
+        screenshot(browser, f"bench-{label}-sessions", SHOTS)
         filters = []
         for i in range(p["repeat"]):
             filters.append(filter_time(browser, f"run-00{i}1")[0])
             filter_time(browser, "")
         one, shown = filter_time(browser, "run-00421")
         assert shown == 1, f"the filter shows {shown} sessions, not 1"
-        screenshot(browser, f"bench-{label}-sessions-filtered")
+        screenshot(browser, f"bench-{label}-sessions-filtered", SHOTS)
         return {"sessions page first paint": statistics.median(paint),
                 "filter by name": statistics.median(filters),
                 "session page curve, first visit (cold)": curve_cold,

@@ -1,6 +1,7 @@
 """`ptutils ui` in a real browser: a `ptutils ui` subprocess over real stores (a local
 folder filled by `ptutils run`, and nx-27017 with a session training on a Celery worker),
-driven by headless Chromium. Screenshots of each page go to bench/results/ui/."""
+driven by headless Chromium. Screenshots of each page go to build/screenshots/ ($PTUTILS_SCREENSHOTS; the
+reviewed set is docs/ui/)."""
 
 from __future__ import annotations
 

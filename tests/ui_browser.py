@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = ROOT / "bench" / "results" / "ui"
+SCREENSHOTS = Path(os.environ.get("PTUTILS_SCREENSHOTS") or ROOT / "build" / "screenshots")
+"""Where the tests write a screenshot of each page (build/ is not tracked; the reviewed
+set is docs/ui/, written with PTUTILS_SCREENSHOTS=docs/ui)."""
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 DRIVER = ("/usr/bin/chromedriver",)
 
@@ -143,8 +145,9 @@ def click(browser: Any, css: str) -> None:
     browser.execute_script("document.querySelector(arguments[0]).click()", css)
 
 
-def screenshot(browser: Any, name: str) -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{name}.png"
+def screenshot(browser: Any, name: str, folder: Path | None = None) -> Path:
+    folder = folder or SCREENSHOTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     browser.save_screenshot(str(path))
     return path
