@@ -14,17 +14,19 @@ from pathlib import Path
 import pytest
 
 from ptutils.store.mongo import MongoStore
+from tests import test_workers as cluster
 from tests.slurm_cluster import SlurmCluster, missing_binaries
-from tests.test_workers import (  # noqa: F401  (fixtures)
+from tests.test_workers import (
     ROOT,
     assert_matches_reference,
-    redis_db,
-    reference,
-    store_uri,
     submit_configs,
     wait_done,
     wait_for,
 )
+
+redis_db = cluster.redis_db  # fixtures: a fresh redis database, MongoDB, the reference runs
+store_uri = cluster.store_uri
+reference = cluster.reference
 
 SBATCH = ROOT / "deploy" / "slurm" / "worker.sbatch"
 

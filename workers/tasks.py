@@ -42,6 +42,7 @@ from ptutils.rng import isolate_library_rngs
 from ptutils.slots import NodeSlots, WorkerSlots, world_size_of
 from ptutils.store import open_store
 from ptutils.store.base import Store
+from workers import metrics
 from workers.app import RECONCILE_TASK, app
 from workers.dispatch import Route, reconciler, send
 
@@ -130,15 +131,18 @@ class WorkerContext:
     def execute(self, task: Task) -> Outcome | None:
         """Run one task and enqueue what follows; None if its session no longer exists."""
         self.begin()
-        try:
-            if task.kind == TRAIN:
-                outcome = self._train(task)
-            else:
-                with self._claim(task):
-                    outcome = self.engine.run(task)
-        except SessionNotFound:
-            log.info("%s: skipped (the session was deleted)", task)
-            return None
+        with metrics.task_timer(task.kind) as measured:
+            try:
+                if task.kind == TRAIN:
+                    outcome = self._train(task)
+                else:
+                    with self._claim(task):
+                        outcome = self.engine.run(task)
+            except SessionNotFound:
+                log.info("%s: skipped (the session was deleted)", task)
+                measured(None, False)
+                return None
+            measured(outcome, self.shutting_down.is_set())
         _log_outcome(outcome)
         self.dispatch(outcome)
         return outcome
@@ -233,7 +237,7 @@ def context(hostname: str | None = None) -> WorkerContext:
     with _context_lock:
         if _context is None:
             url = os.environ.get("PTUTILS_STORE")
-            store = open_store(url)
+            store = metrics.instrument_store(open_store(url))
             worker = f"{hostname or 'celery'}:{os.getpid()}"
             _context = WorkerContext(
                 store, worker, lease_ttl=_env_float("PTUTILS_LEASE_TTL", DEFAULT_LEASE_TTL),
@@ -357,7 +361,9 @@ def _reconcile_forever(every: float) -> None:
     """The light reconcile loop `ptutils worker` runs in one process per machine."""
     store = open_store(os.environ.get("PTUTILS_STORE"))
     log.info("reconciling %s every %gs", store.url, every)
-    reconciler(store, app, **_reconcile_options()).loop(every, stop=_stopped)
+    reconciler(store, app, **_reconcile_options()).loop(
+        every, stop=_stopped, on_pass=metrics.ReconcileMetrics(
+            store, _env_float(metrics.SESSIONS_EVERY_ENV, metrics.SESSIONS_EVERY_S)))
 
 
 def _reconcile_options() -> dict[str, float]:
