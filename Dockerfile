@@ -28,7 +28,7 @@ RUN python -m venv --system-site-packages /opt/venv
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS build
 ARG TORCH_VERSION
-ARG EXTRAS=data,plot,search,metrics
+ARG EXTRAS=data,plot,search
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
