@@ -28,7 +28,6 @@ Metrics never fail a task: an error while recording is logged and dropped.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -93,16 +92,6 @@ def _safe(fn: Callable[..., None]) -> Callable[..., None]:
 
     wrapper.__name__ = fn.__name__
     return wrapper
-
-
-def port_from_env() -> int:
-    """$PTUTILS_METRICS_PORT as a port number, 0 if unset."""
-    value = os.environ.get(PORT_ENV, "").strip()
-    if not value:
-        return 0
-    if not value.isdigit() or not 0 <= int(value) < 65536:
-        raise ValueError(f"${PORT_ENV}={value!r}: expected a TCP port number")
-    return int(value)
 
 
 # --- exporters ---------------------------------------------------------------------------
