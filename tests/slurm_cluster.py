@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.servers import free_port
+from tests.servers import _DIE_WITH_PARENT, free_port
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol")
 """What the cluster needs on the PATH (Debian: `apt-get install slurm-wlm munge`)."""
@@ -116,7 +116,8 @@ class SlurmCluster:
         with open(self.dir / out, "ab") as log:
             self.procs.append(subprocess.Popen(
                 [str(a) for a in argv], cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, env=self.env))
+                stdin=subprocess.DEVNULL, start_new_session=True, env=self.env,
+                preexec_fn=_DIE_WITH_PARENT))
 
     def _node_idle(self) -> bool:
         for proc in self.procs:

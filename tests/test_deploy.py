@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,36 @@ def test_dockerfile_installs_what_the_makefile_installs_and_runs_the_worker_unpr
     assert user and user[-1] not in ("0", "root")
     assert ("ENTRYPOINT", '["ptutils"]') in ins and ("CMD", '["worker"]') in ins
     assert ("STOPSIGNAL", "SIGTERM") in ins and ("EXPOSE", "9108") in ins
+
+
+def test_the_files_the_dockerfile_copies_build_the_package_with_its_extras(tmp_path):
+    """The build stage's COPY lines are enough to build ptutils (what its `pip install .`
+    does first), with every module and the extras it asks for."""
+    text, ins = dockerfile()
+    build = text[text.index("AS build"):text.index("AS runtime")]
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in re.findall(r"^COPY (?!--)(.+)$", build, re.M):
+        *sources, _ = line.split()
+        for src in sources:
+            (shutil.copytree if (ROOT / src).is_dir() else shutil.copy)(ROOT / src,
+                                                                        context / src)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                          "--no-build-isolation", "-w", str(tmp_path / "dist"), "."],
+                         cwd=context, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("ptutils-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        meta = zf.read(next(n for n in names if n.endswith("dist-info/METADATA"))).decode()
+    modules = {str(p.relative_to(ROOT)) for d in ("ptutils", "workers", "orchestrator")
+               for p in (ROOT / d).rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
+    extras = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)["EXTRAS"]
+    provided = set(re.findall(r"^Provides-Extra: (\S+)$", meta, re.M))
+    assert set(extras.split(",")) <= provided
+    assert "Requires-Dist: prometheus_client" in meta.replace("prometheus-client",
+                                                               "prometheus_client")
 
 
 # --- Kubernetes ------------------------------------------------------------------------
