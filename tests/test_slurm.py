@@ -86,11 +86,13 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
             slurm.run("scancel", "--signal=TERM", array)  # what preemption delivers
             wait_for(lambda: all(slurm.jobs()[t]["Restarts"] == "1" for t in tasks), 60,
                      "both array tasks requeued by worker.sbatch")
+            reached = {}
             for sid in ids:
                 doc = store.get_session(sid)
                 assert doc["checkpoint"]["kind"] == "preempt", doc["checkpoint"]
                 assert 20 < doc["step"] < 40 and doc["lease"] is None
                 store.load_state(store.get_checkpoint(sid, doc["step"], "preempt"))
+                reached[sid] = doc["step"]
             log = job_logs(logs)
             assert log.count("worker exited with status 0") == 2, log
             assert "Warm shutdown" in log
@@ -104,7 +106,10 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
             wait_done(store, ids, 120)
             for seed, sid in zip((1, 2), ids):
                 assert_matches_reference(store, sid, reference, seed)
-        assert "restart 1" in job_logs(logs)
+        log = job_logs(logs)
+        assert log.count("restart 1") == 2
+        for sid, step in reached.items():  # the continuation the preempted worker requeued
+            assert f"Train[{step},40) of {sid[:8]}: done" in log, step
     except AssertionError:
         print(job_logs(logs))
         print(slurm.logs())

@@ -3,7 +3,7 @@
 `ptutils worker --metrics-port N` ($PTUTILS_METRICS_PORT) serves them over HTTP from the
 launcher: every worker process writes its samples to files in a directory the launcher
 gives it ($PROMETHEUS_MULTIPROC_DIR, prometheus_client's multiprocess mode) and the
-launcher's exporter sums them (`serve_children`). `ptutils reconcile --metrics-port N`
+launcher's exporter sums them (`ChildrenExporter`). `ptutils reconcile --metrics-port N`
 serves its own (`serve_here`).
 
 What is measured, and where (the hooks are in workers/tasks.py and the launcher):
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter as Tally
@@ -169,8 +170,6 @@ def _task_done(kind: str, outcome: Any, preempted: bool, seconds: float) -> None
 def _gpu_memory() -> None:
     """CUDA memory of this process's devices, if it initialised CUDA (never initialise it
     here: a forked process must not find it initialised)."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
         return
