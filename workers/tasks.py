@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -351,10 +352,41 @@ def _on_shutting_down(sig: str = "SIGTERM", how: str = "Warm", **_: Any) -> None
 
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
+    _guard_sigterm()
     every = _env_float("PTUTILS_WORKER_RECONCILE", 0.0)
     if every > 0:
         threading.Thread(target=_reconcile_forever, args=(every,), daemon=True,
                          name="ptutils-reconcile").start()
+
+
+def _guard_sigterm() -> None:
+    """Put a dedup in front of Celery's SIGTERM handler: copies of one SIGTERM arriving
+    within SIGNAL_DEDUP_S never reach it.
+
+    Celery's handler is not reentrant: a second SIGTERM landing while the first one
+    dispatches `worker_shutting_down` (the first dispatch takes the signal's
+    threading.Lock) deadlocks the main thread, and the worker neither stops its chunk nor
+    exits. Under SLURM this is the common case: slurmstepd signals every process of the
+    job step, and the launcher forwards the same SIGTERM (tests/test_slurm.py met it)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or getattr(handler, "ptutils_dedup", False):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("SIGTERM copies are not deduplicated (worker_ready off the main thread)")
+        return
+    passed: list[float] = []  # when a SIGTERM went through to Celery
+
+    def dedup(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if passed and now - passed[-1] < SIGNAL_DEDUP_S:
+            return
+        # a copy nested before this append runs Celery's handler to the end first, so
+        # the call below never interrupts it; one nested after it returns above
+        passed.append(now)
+        handler(signum, frame)
+
+    dedup.ptutils_dedup = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, dedup)
 
 
 def _reconcile_forever(every: float) -> None:
