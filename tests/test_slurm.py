@@ -8,6 +8,7 @@ jobs, each final checkpoint must be bit-identical to an uninterrupted `ptutils r
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from tests.test_workers import (
 redis_db = cluster.redis_db  # fixtures: a fresh redis database, MongoDB, the reference runs
 store_uri = cluster.store_uri
 reference = cluster.reference
+
+REVOKE_GRANULARITY_S = 2.0
+"""Seconds between a job's requeue and its release (see the test)."""
 
 SBATCH = ROOT / "deploy" / "slurm" / "worker.sbatch"
 
@@ -98,7 +102,12 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
             assert "Warm shutdown" in log
 
             # SLURM holds a requeued job back (BeginTime); start them now, as a scheduler
-            # with a free node would.
+            # with a free node would. Not within the second of the requeue: slurmd refuses
+            # a job credential as old as the revocation of the job's last run ("Job
+            # credential revoked", timestamps in whole seconds): the reason of the hold.
+            wait_for(lambda: all(slurm.jobs()[t]["JobState"] == "PENDING" for t in tasks), 30,
+                     "the requeued array tasks pending")
+            time.sleep(REVOKE_GRANULARITY_S)
             for t in tasks:
                 slurm.run("scontrol", "update", f"JobId={t}", "StartTime=now")
             wait_for(lambda: all(slurm.jobs()[t]["JobState"] == "RUNNING" for t in tasks),
