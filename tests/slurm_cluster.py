@@ -157,7 +157,10 @@ class SlurmCluster:
     def jobs(self) -> dict[str, dict[str, str]]:
         """Job id (`123_0` for array tasks) -> scontrol's fields (JobState, Restarts, ...),
         for every job the controller still knows."""
-        out = self.run("scontrol", "-o", "show", "job", check=False).stdout
+        try:
+            out = self.run("scontrol", "-o", "show", "job", check=False).stdout
+        except subprocess.TimeoutExpired:
+            return {}  # a busy controller: ask again
         jobs = {}
         for line in out.splitlines():
             fields = dict(re.findall(r"(\w+)=(\S*)", line))

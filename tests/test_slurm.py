@@ -67,6 +67,11 @@ def submit_workers(slurm: SlurmCluster, tmp_path: Path, broker: str, store: str,
     return array, logs
 
 
+def job_field(slurm: SlurmCluster, job: str, name: str) -> str | None:
+    """A field of `scontrol show job` (None while the controller does not answer)."""
+    return slurm.jobs().get(job, {}).get(name)
+
+
 def job_logs(logs: Path) -> str:
     return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-5000:]}"
                      for p in sorted(logs.glob("*.log")))
@@ -77,7 +82,7 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
     array, logs = submit_workers(slurm, tmp_path, redis_db, store_uri, 2)
     tasks = [f"{array}_0", f"{array}_1"]
     try:
-        wait_for(lambda: all(slurm.jobs().get(t, {}).get("JobState") == "RUNNING"
+        wait_for(lambda: all(job_field(slurm, t, "JobState") == "RUNNING"
                              for t in tasks), 30, "both array tasks running")
         with MongoStore(store_uri) as store:
             ids = submit_configs(store, redis_db, tmp_path, 1, 2)
@@ -88,7 +93,7 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
             assert holders == {f"slurm-{slurm.jobs()[t]['JobId']}" for t in tasks}, holders
 
             slurm.run("scancel", "--signal=TERM", array)  # what preemption delivers
-            wait_for(lambda: all(slurm.jobs()[t]["Restarts"] == "1" for t in tasks), 60,
+            wait_for(lambda: all(job_field(slurm, t, "Restarts") == "1" for t in tasks), 60,
                      "both array tasks requeued by worker.sbatch")
             reached = {}
             for sid in ids:
@@ -105,12 +110,12 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
             # with a free node would. Not within the second of the requeue: slurmd refuses
             # a job credential as old as the revocation of the job's last run ("Job
             # credential revoked", timestamps in whole seconds): the reason of the hold.
-            wait_for(lambda: all(slurm.jobs()[t]["JobState"] == "PENDING" for t in tasks), 30,
+            wait_for(lambda: all(job_field(slurm, t, "JobState") == "PENDING" for t in tasks), 30,
                      "the requeued array tasks pending")
             time.sleep(REVOKE_GRANULARITY_S)
             for t in tasks:
                 slurm.run("scontrol", "update", f"JobId={t}", "StartTime=now")
-            wait_for(lambda: all(slurm.jobs()[t]["JobState"] == "RUNNING" for t in tasks),
+            wait_for(lambda: all(job_field(slurm, t, "JobState") == "RUNNING" for t in tasks),
                      60, "the requeued array tasks running again")
             wait_done(store, ids, 120)
             for seed, sid in zip((1, 2), ids):
@@ -119,7 +124,7 @@ def test_array_job_trains_is_preempted_requeues_and_continues_bit_identical(
         assert log.count("restart 1") == 2
         for sid, step in reached.items():  # the continuation the preempted worker requeued
             assert f"Train[{step},40) of {sid[:8]}: done" in log, step
-    except AssertionError:
+    except Exception:
         print(job_logs(logs))
         print(slurm.logs())
         raise
