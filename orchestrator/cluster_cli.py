@@ -108,6 +108,9 @@ def _csv(value: str) -> list[str]:
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--events", "-E", is_flag=True, help="Send task events (for Flower).")
+@click.option("--metrics-port", default=0, envvar="PTUTILS_METRICS_PORT", show_envvar=True,
+              type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (0: off).")
 @allow_imports_option(apply=False)
 @trust_session_code_option
 @handle_errors
@@ -115,7 +118,8 @@ def worker(queues: str, gpus: str, concurrency: int | None, slots: int | None,
            slots_dir: str | None, name: str | None, broker_url: str | None,
            store_url: str | None, grace: float, lease_ttl: float, reconcile_every: float,
            stall_after: float | None, loglevel: str, events: bool,
-           allow_imports: tuple[str, ...], trust_session_code: bool) -> None:
+           allow_imports: tuple[str, ...], trust_session_code: bool,
+           metrics_port: int) -> None:
     """Run Celery workers for Train/Eval/Save tasks until SIGTERM.
 
     \b
@@ -137,6 +141,7 @@ def worker(queues: str, gpus: str, concurrency: int | None, slots: int | None,
         slots_dir=slots_dir, name=name, broker=broker_url, store=store_url, grace=grace, lease_ttl=lease_ttl,
         reconcile_every=reconcile_every, stall_after=stall_after, loglevel=loglevel,
         events=events, allow_imports=allow_imports, trust_session_code=trust_session_code,
+        metrics_port=metrics_port,
     )
     try:
         plan_slots(opts, node_gpus(opts))
@@ -300,9 +305,13 @@ def cancel(sessions: tuple[str, ...], store_url: str | None) -> None:
 @store_option
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print each pass's requeues as JSON.")
+@click.option("--metrics-port", default=0, envvar="PTUTILS_METRICS_PORT", show_envvar=True,
+              type=click.IntRange(0, 65535), metavar="PORT",
+              help="With --every: serve Prometheus metrics on http://0.0.0.0:PORT/metrics.")
 @handle_errors
 def reconcile(every: float | None, stall_after: float | None, eval_stall_after: float | None,
-              store_url: str | None, broker_url: str | None, as_json: bool) -> None:
+              store_url: str | None, broker_url: str | None, as_json: bool,
+              metrics_port: int) -> None:
     """Requeue sessions whose worker died or whose messages were lost.
 
     Finds sessions whose lease expired, or that are queued/running with no live lease and
@@ -336,7 +345,18 @@ def reconcile(every: float | None, stall_after: float | None, eval_stall_after: 
         if not as_json and not done:
             click.echo("nothing to requeue")
         return
-    reconcile_loop(store, app, every, on_pass=show, **options)
+    on_pass = show
+    if metrics_port:
+        from workers.metrics import ReconcileMetrics, serve_here
+
+        serve_here(metrics_port)
+        recorded = ReconcileMetrics(store)
+
+        def on_pass(done: list[Any]) -> None:
+            recorded(done)
+            show(done)
+
+    reconcile_loop(store, app, every, on_pass=on_pass, **options)
 
 
 COMMANDS = (worker, submit, status, watch, cancel, reconcile)

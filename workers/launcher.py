@@ -49,6 +49,7 @@ from ptutils.slots import (
     train_queues,
 )
 from ptutils.slots import Slot as NodeSlot
+from workers.metrics import ChildrenExporter
 
 log = logging.getLogger("ptutils.launcher")
 
@@ -90,6 +91,8 @@ class WorkerOptions:
     """Modules sessions may name on this worker, besides the library's (ptutils.policy)."""
     trust_session_code: bool = False
     """Load the .py files stored with a session; else such a session fails at once."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics of every child on this port (workers.metrics); 0: off."""
 
 
 @dataclass
@@ -266,10 +269,13 @@ class Launcher:
                  spec_of(self.node), ",".join(child_queues(opts, self.capacity)))
         self.stopping_since: float | None = None
         self._parent = os.getpid()
+        self.metrics: ChildrenExporter | None = None
 
     def run(self) -> int:
         """Supervise until every child has exited after a stop signal; the exit status."""
         self._install_signals()
+        if self.opts.metrics_port:
+            self.metrics = ChildrenExporter(self.opts.metrics_port)
         for slot in self.slots:
             self._start(slot)
         try:
@@ -278,13 +284,17 @@ class Launcher:
                 time.sleep(0.2)
         finally:
             self._kill_all()
+            if self.metrics is not None:
+                self.metrics.close()
         codes = [s.exit_codes[-1] for s in self.slots if s.exit_codes]
         return 0 if all(c == 0 for c in codes) else 1
 
     def _start(self, slot: Slot) -> None:
+        env = child_env(self.opts, slot, self.node)
+        if self.metrics is not None:
+            env.update(self.metrics.child_env())
         slot.proc = subprocess.Popen(
-            child_command(self.opts, slot, self.capacity),
-            env=child_env(self.opts, slot, self.node), cwd=os.getcwd(),
+            child_command(self.opts, slot, self.capacity), env=env, cwd=os.getcwd(),
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
         )
         slot.started = time.monotonic()
@@ -306,6 +316,7 @@ class Launcher:
         assert slot.proc is not None
         code = slot.proc.returncode
         slot.exit_codes.append(code)
+        self._forget(slot.proc.pid)
         slot.proc = None
         if self.stopping_since is not None:
             log.info("worker %s exited (%d)", slot.name, code)
@@ -355,7 +366,13 @@ class Launcher:
             if slot.proc is not None:
                 slot.proc.wait()
                 slot.exit_codes.append(slot.proc.returncode)
+                self._forget(slot.proc.pid)
                 slot.proc = None
+
+    def _forget(self, pid: int) -> None:
+        """A child exited: its live gauges leave the metrics."""
+        if self.metrics is not None:
+            self.metrics.child_exited(pid)
 
 
 def _describe(code: int) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -42,6 +43,7 @@ from ptutils.rng import isolate_library_rngs
 from ptutils.slots import NodeSlots, WorkerSlots, world_size_of
 from ptutils.store import open_store
 from ptutils.store.base import Store
+from workers import metrics
 from workers.app import RECONCILE_TASK, app
 from workers.dispatch import Route, reconciler, send
 
@@ -130,15 +132,18 @@ class WorkerContext:
     def execute(self, task: Task) -> Outcome | None:
         """Run one task and enqueue what follows; None if its session no longer exists."""
         self.begin()
-        try:
-            if task.kind == TRAIN:
-                outcome = self._train(task)
-            else:
-                with self._claim(task):
-                    outcome = self.engine.run(task)
-        except SessionNotFound:
-            log.info("%s: skipped (the session was deleted)", task)
-            return None
+        with metrics.task_timer(task.kind) as measured:
+            try:
+                if task.kind == TRAIN:
+                    outcome = self._train(task)
+                else:
+                    with self._claim(task):
+                        outcome = self.engine.run(task)
+            except SessionNotFound:
+                log.info("%s: skipped (the session was deleted)", task)
+                measured(None, False)
+                return None
+            measured(outcome, self.shutting_down.is_set())
         _log_outcome(outcome)
         self.dispatch(outcome)
         return outcome
@@ -233,7 +238,7 @@ def context(hostname: str | None = None) -> WorkerContext:
     with _context_lock:
         if _context is None:
             url = os.environ.get("PTUTILS_STORE")
-            store = open_store(url)
+            store = metrics.instrument_store(open_store(url))
             worker = f"{hostname or 'celery'}:{os.getpid()}"
             _context = WorkerContext(
                 store, worker, lease_ttl=_env_float("PTUTILS_LEASE_TTL", DEFAULT_LEASE_TTL),
@@ -347,17 +352,50 @@ def _on_shutting_down(sig: str = "SIGTERM", how: str = "Warm", **_: Any) -> None
 
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
+    _guard_sigterm()
     every = _env_float("PTUTILS_WORKER_RECONCILE", 0.0)
     if every > 0:
         threading.Thread(target=_reconcile_forever, args=(every,), daemon=True,
                          name="ptutils-reconcile").start()
 
 
+def _guard_sigterm() -> None:
+    """Put a dedup in front of Celery's SIGTERM handler: copies of one SIGTERM arriving
+    within SIGNAL_DEDUP_S never reach it.
+
+    Celery's handler is not reentrant: a second SIGTERM landing while the first one
+    dispatches `worker_shutting_down` (the first dispatch takes the signal's
+    threading.Lock) deadlocks the main thread, and the worker neither stops its chunk nor
+    exits. Under SLURM this is the common case: slurmstepd signals every process of the
+    job step, and the launcher forwards the same SIGTERM (tests/test_slurm.py met it)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or getattr(handler, "ptutils_dedup", False):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("SIGTERM copies are not deduplicated (worker_ready off the main thread)")
+        return
+    passed: list[float] = []  # when a SIGTERM went through to Celery
+
+    def dedup(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if passed and now - passed[-1] < SIGNAL_DEDUP_S:
+            return
+        # a copy nested before this append runs Celery's handler to the end first, so
+        # the call below never interrupts it; one nested after it returns above
+        passed.append(now)
+        handler(signum, frame)
+
+    dedup.ptutils_dedup = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, dedup)
+
+
 def _reconcile_forever(every: float) -> None:
     """The light reconcile loop `ptutils worker` runs in one process per machine."""
     store = open_store(os.environ.get("PTUTILS_STORE"))
     log.info("reconciling %s every %gs", store.url, every)
-    reconciler(store, app, **_reconcile_options()).loop(every, stop=_stopped)
+    reconciler(store, app, **_reconcile_options()).loop(
+        every, stop=_stopped, on_pass=metrics.ReconcileMetrics(
+            store, _env_float(metrics.SESSIONS_EVERY_ENV, metrics.SESSIONS_EVERY_S)))
 
 
 def _reconcile_options() -> dict[str, float]:
