@@ -263,8 +263,11 @@ def status(sessions: tuple[str, ...], status_filter: str | None, name_prefix: st
         rows = listing.rows(store)
     if as_json:
         _stream_json(rows)
-        return
-    _print_table(store, list(rows), listing)
+    else:
+        _print_table(store, list(rows), listing)
+    from orchestrator.cli import exit_after_reading
+
+    exit_after_reading(store)
 
 
 def _stream_json(rows: Any) -> None:

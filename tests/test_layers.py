@@ -80,26 +80,16 @@ def test_the_plan_and_the_cli_start_without_torch(module):
     assert out.stdout.strip() == "[]", f"importing {module} loads torch"
 
 
-_RUN_CLI = """
-import runpy, sys
-sys.argv = ["ptutils", *sys.argv[1:]]
-try:
-    runpy.run_module("orchestrator.cli", run_name="__main__", alter_sys=True)
-    code = 0
-except SystemExit as exc:
-    code = exc.code
-sys.stderr.write(f"\\nTORCH={'torch' in sys.modules} EXIT={code}\\n")
-"""
-
-
 def _cli_loads_torch(*args: str) -> tuple[bool, str]:
-    """Run `ptutils ARGS` in a fresh interpreter: (whether torch got imported, output)."""
-    out = subprocess.run([sys.executable, "-c", _RUN_CLI, *args], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
-                         cwd=ROOT)
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.endswith("EXIT=0"), out.stdout + out.stderr
-    return last.startswith("TORCH=True"), out.stdout + out.stderr
+    """Run `ptutils ARGS` in a fresh interpreter: (whether torch got imported, output).
+    Read from `-X importtime`, which logs each import as it happens."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    imported = {line.rpartition("|")[2].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    return "torch" in imported, out.stdout
 
 
 def test_commands_that_touch_no_tensor_never_import_torch(tmp_path, mongo_uri, redis_url):
@@ -122,3 +112,5 @@ def test_commands_that_touch_no_tensor_never_import_torch(tmp_path, mongo_uri, r
     for args in commands:
         loaded, output = _cli_loads_torch(*args)
         assert not loaded, f"`ptutils {' '.join(args)}` imports torch:\n{output}"
+        if args[0] == "status" and "--help" not in args:
+            assert "s " in output or '"name": "s"' in output, output
