@@ -290,6 +290,8 @@ def _print_table(store: Any, rows: list[dict[str, Any]], listing: Any) -> None:
     console.print(status_table(rows, console.width))
     if listing is None or listing.limit is None:
         return
+    if listing.page == 1 and len(rows) < listing.limit:
+        return  # every match is shown: no count query
     total = store.count_sessions(listing.store_query())
     if total > len(rows) or listing.page > 1:
         first = (listing.page - 1) * listing.limit
