@@ -160,9 +160,9 @@ class MongoStore(Store):
         self._sessions.create_index("name", unique=True)
         for field in ("status", "tags", "sweep"):
             self._sessions.create_index(field)
-        for field in SESSION_SORTS:  # listings: newest first, or since a time
-            self._sessions.create_index([(field, -1)])
-        self._sessions.create_index([("status", 1), ("created", -1)])
+        for field in SESSION_SORTS:  # listings: the sort with its tie-break, either way
+            self._sessions.create_index([(field, -1), ("_id", -1)])
+        self._sessions.create_index([("status", 1), ("created", -1), ("_id", -1)])
         self._ckpts.create_index([("session", 1), ("step", 1), ("kind", 1)], unique=True)
         self._ckpts.create_index("segments")
         self._stats.create_indexes()
