@@ -53,6 +53,16 @@ Statistics
     idempotent on (session, phase, step, name): writing a point again overwrites it.
   * `delete_statistics(session, after_step=s)` removes points with step > s (used when
     a chunk restarts from s, so a lost attempt's points are replaced, not duplicated).
+  * Both keep the session's `summary` (ptutils.store.summary: last train loss, last eval
+    metrics, newest point time) with one extra update per call, so listings need no
+    statistics query.
+
+Listing
+  * `list_sessions(query, sort=, descending=, limit=, offset=)`: a page of the sessions
+    matching a `SessionQuery` (name prefix, tags, sweep, search, statuses, updated
+    since), sorted by `created` or `updated` (ties by id), every filter and sort served
+    by an index; `count_sessions(query)` counts them. `ptutils status` and the
+    dashboard list through these.
 """
 
 from __future__ import annotations
