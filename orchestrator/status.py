@@ -203,7 +203,7 @@ class Listing:
                                        offset=(self.page - 1) * self.limit)
         else:
             docs = self._active_then_newest(store, query)
-        yield from sorted(docs, key=lambda d: (float(d.get(self.sort) or 0), d["_id"]))
+        yield from sorted(docs, key=lambda d: (float(d.get(self.sort) or 0), d["name"]))
 
     def rows(self, store: Store) -> Iterator[dict[str, Any]]:
         """The rows shown (see session_row), in the order shown."""

@@ -60,7 +60,7 @@ Statistics
 Listing
   * `list_sessions(query, sort=, descending=, limit=, offset=)`: a page of the sessions
     matching a `SessionQuery` (name prefix, tags, sweep, search, statuses, updated
-    since), sorted by `created` or `updated` (ties by id), every filter and sort served
+    since), sorted by `created` or `updated` (ties by name), every filter and sort served
     by an index; `count_sessions(query)` counts them. `ptutils status` and the
     dashboard list through these.
 """
@@ -284,7 +284,7 @@ class Store(abc.ABC):
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """A page of the sessions matching `query`, sorted by `sort` (one of
-        SESSION_SORTS; ties by id) and without the LISTING_OMITS fields: one indexed
+        SESSION_SORTS; ties by name) and without the LISTING_OMITS fields: one indexed
         query, whatever the number of sessions (`status`, the dashboard)."""
 
     @abc.abstractmethod

@@ -157,7 +157,7 @@ class LocalStore(Store):
         where, args = db.session_where(query)
         order = "DESC" if descending else "ASC"
         sql = (f"SELECT doc FROM sessions{db.where_sql(where)} ORDER BY {sort} {order}, "
-               f"id {order} LIMIT ? OFFSET ?")
+               f"name {order} LIMIT ? OFFSET ?")
         with self._db.read() as conn:
             rows = conn.execute(sql, [*args, -1 if limit is None else limit, offset]).fetchall()
         docs = [json.loads(r[0]) for r in rows]

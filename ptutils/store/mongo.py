@@ -160,9 +160,11 @@ class MongoStore(Store):
         self._sessions.create_index("name", unique=True)
         for field in ("status", "tags", "sweep"):
             self._sessions.create_index(field)
-        for field in SESSION_SORTS:  # listings: the sort with its tie-break, either way
-            self._sessions.create_index([(field, -1), ("_id", -1)])
-        self._sessions.create_index([("status", 1), ("created", -1), ("_id", -1)])
+        # listings: each sort with its tie-break (the unique name), walked either way;
+        # not `_id`, which nx-27017 cannot put in a compound index
+        for field in SESSION_SORTS:
+            self._sessions.create_index([(field, -1), ("name", -1)])
+        self._sessions.create_index([("status", 1), ("created", -1), ("name", -1)])
         self._ckpts.create_index([("session", 1), ("step", 1), ("kind", 1)], unique=True)
         self._ckpts.create_index("segments")
         self._stats.create_indexes()
@@ -282,7 +284,7 @@ class MongoStore(Store):
 
         def find(_: bool) -> list[dict[str, Any]]:
             cursor = self._sessions.find(_session_filter(query), omit)
-            cursor = cursor.sort([(sort, order), ("_id", order)]).skip(offset)
+            cursor = cursor.sort([(sort, order), ("name", order)]).skip(offset)
             return list(cursor.limit(limit) if limit else cursor)
 
         return self._retry("listing sessions", find)

@@ -35,8 +35,8 @@ _SCHEMA = (
     "ALTER_ADD_UPDATED",
     "CREATE INDEX IF NOT EXISTS sessions_status ON sessions(status, created)",
     "CREATE INDEX IF NOT EXISTS sessions_sweep ON sessions(sweep, created)",
-    "CREATE INDEX IF NOT EXISTS sessions_created ON sessions(created, id)",
-    "CREATE INDEX IF NOT EXISTS sessions_updated ON sessions(updated, id)",
+    "CREATE INDEX IF NOT EXISTS sessions_created ON sessions(created, name)",
+    "CREATE INDEX IF NOT EXISTS sessions_updated ON sessions(updated, name)",
     """CREATE TABLE IF NOT EXISTS session_tags (
         tag TEXT NOT NULL, session TEXT NOT NULL, PRIMARY KEY (tag, session)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS session_tags_session ON session_tags(session)",
