@@ -228,7 +228,7 @@ def status(sessions: tuple[str, ...], status_filter: str | None, name_prefix: st
     then the newest, --limit in all (default 50), shown oldest first; --page 2 for the
     next older ones, --all for every session. Filters (--name, --tag, --sweep,
     --search, --since, --status) run in the store, on indexed fields; a line below the
-    table says how many matched.
+    table says when more sessions match than are shown.
 
     \b
     States: running (a worker holds its lease), queued, waiting (its next chunk
@@ -250,7 +250,7 @@ def status(sessions: tuple[str, ...], status_filter: str | None, name_prefix: st
         rows: Any = (session_row(store, store.get_session(ref), now) for ref in sessions)
         if status_filter:
             rows = (r for r in rows if r["state"] == status_filter)
-        listing = None
+        listing, more = None, False
     else:
         try:
             after = None if since is None else parse_since(since, store.now())
@@ -260,11 +260,15 @@ def status(sessions: tuple[str, ...], status_filter: str | None, name_prefix: st
                              since=after)
         listing = Listing(query, state=status_filter, limit=None if show_all else limit,
                           page=page, sort=sort)
-        rows = listing.rows(store)
+        if show_all:
+            rows, more = listing.rows(store), False
+        else:
+            docs, more = listing.page_of(store)
+            rows = listing.rows(store, docs)
     if as_json:
         _stream_json(rows)
     else:
-        _print_table(store, list(rows), listing)
+        _print_table(list(rows), listing, more)
     from orchestrator.cli import exit_after_reading
 
     exit_after_reading(store)
@@ -281,25 +285,19 @@ def _stream_json(rows: Any) -> None:
     out.write("\n]\n" if count else "]\n")
 
 
-def _print_table(store: Any, rows: list[dict[str, Any]], listing: Any) -> None:
+def _print_table(rows: list[dict[str, Any]], listing: Any, more: bool) -> None:
     from rich.console import Console
 
     from orchestrator.table import status_table
 
     console = Console()
     console.print(status_table(rows, console.width))
-    if listing is None or listing.limit is None:
+    if listing is None or not (more or listing.page > 1):
         return
-    if listing.page == 1 and len(rows) < listing.limit:
-        return  # every match is shown: no count query
-    total = store.count_sessions(listing.store_query())
-    if total > len(rows) or listing.page > 1:
-        first = (listing.page - 1) * listing.limit
-        console.print(f"{len(rows)} of {total} sessions shown"
-                      + (f" (page {listing.page})" if listing.page > 1 else "")
-                      + ("; --page N for older ones, --all for every one"
-                         if total > first + len(rows) else ""),
-                      markup=False, highlight=False, soft_wrap=True)
+    what = "the active and newest" if listing.page == 1 else f"page {listing.page}:"
+    hint = f"; --page {listing.page + 1} for older ones, --all for every one" if more else ""
+    console.print(f"{what} {len(rows)} sessions shown{hint}", markup=False,
+                  highlight=False, soft_wrap=True)
 
 
 def _open_for_reading(store_url: str | None, sessions: tuple[str, ...], as_json: bool) -> Any:

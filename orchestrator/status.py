@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -194,21 +194,31 @@ class Listing:
 
     def docs(self, store: Store) -> Iterator[dict[str, Any]]:
         """The session documents shown, in the order shown."""
-        query = self.store_query()
         if self.limit is None:
-            yield from self._every(store, query)
+            yield from self._every(store, self.store_query())
             return
-        if self.page > 1:
-            docs = store.list_sessions(query, sort=self.sort, limit=self.limit,
-                                       offset=(self.page - 1) * self.limit)
-        else:
-            docs = self._active_then_newest(store, query)
-        yield from sorted(docs, key=lambda d: (float(d.get(self.sort) or 0), d["name"]))
+        yield from self.page_of(store)[0]
 
-    def rows(self, store: Store) -> Iterator[dict[str, Any]]:
-        """The rows shown (see session_row), in the order shown."""
+    def page_of(self, store: Store) -> tuple[list[dict[str, Any]], bool]:
+        """(the documents of this page in the order shown, whether more match): one
+        query per page, two on page 1 (the active ones, then the newest), no count."""
+        assert self.limit is not None, "page_of needs a limit"
+        query = self.store_query()
+        if self.page > 1:
+            docs = store.list_sessions(query, sort=self.sort, limit=self.limit + 1,
+                                       offset=(self.page - 1) * self.limit)
+            more = len(docs) > self.limit
+            docs = docs[: self.limit]
+        else:
+            docs, more = self._active_then_newest(store, query)
+        key = lambda d: (float(d.get(self.sort) or 0), d["name"])  # noqa: E731
+        return sorted(docs, key=key), more
+
+    def rows(self, store: Store, docs: Iterable[dict[str, Any]] | None = None
+             ) -> Iterator[dict[str, Any]]:
+        """The rows shown (see session_row), in the order shown (of `docs`, when given)."""
         now = store.now()
-        for doc in self.docs(store):
+        for doc in self.docs(store) if docs is None else docs:
             row = session_row(store, doc, now)
             if self.state is None or row["state"] == self.state:
                 yield row
@@ -223,19 +233,23 @@ class Listing:
                 return
             offset += PAGE_SIZE
 
-    def _active_then_newest(self, store: Store, query: SessionQuery) -> list[dict[str, Any]]:
+    def _active_then_newest(self, store: Store, query: SessionQuery
+                            ) -> tuple[list[dict[str, Any]], bool]:
         assert self.limit is not None
         active_statuses = [s for s in ACTIVE if query.status is None or s in query.status]
         active = store.list_sessions(replace(query, status=tuple(active_statuses)),
-                                     sort=self.sort, limit=self.limit) if active_statuses else []
-        if len(active) >= self.limit:
-            return active
+                                     sort=self.sort, limit=self.limit + 1
+                                     ) if active_statuses else []
+        if len(active) > self.limit:
+            return active[: self.limit], True
         picked = {d["_id"]: d for d in active}
-        for doc in store.list_sessions(query, sort=self.sort, limit=self.limit):
+        newest = store.list_sessions(query, sort=self.sort, limit=self.limit + 1)
+        for doc in newest:
             if len(picked) >= self.limit:
                 break
             picked.setdefault(doc["_id"], doc)
-        return list(picked.values())
+        more = any(d["_id"] not in picked for d in newest)
+        return list(picked.values()), more
 
 
 def parse_since(text: str, now: float) -> float:

@@ -80,7 +80,8 @@ def test_default_shows_the_active_then_the_newest_oldest_first_with_a_count(lab)
     assert names(rows) == ["old-queued", "recent-1", "recent-2"], "active first, then newest"
     out = ptutils("status", "--store", lab, "--limit", "3")
     assert out.returncode == 0, out.stderr
-    assert "3 of 8 sessions shown" in out.stdout and "--all" in out.stdout
+    assert "the active and newest 3 sessions shown; --page 2" in out.stdout
+    assert "--all" in out.stdout
     assert "sweep-lr0" not in out.stdout
 
 
@@ -92,7 +93,9 @@ def test_pages_all_and_the_default_limit(lab):
                      "search-b", "recent-1", "recent-2"]
     assert names(status_json(lab)) == every, "8 sessions fit the default limit of 50"
     out = ptutils("status", "--store", lab)
-    assert "sessions shown" not in out.stdout, "no count line when every session is shown"
+    assert "sessions shown" not in out.stdout, "no line when every session is shown"
+    last = ptutils("status", "--store", lab, "--limit", "3", "--page", "3").stdout
+    assert "page 3: 2 sessions shown" in last and "--page 4" not in last
 
 
 @pytest.mark.parametrize("args,expected", [
