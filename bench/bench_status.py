@@ -82,11 +82,22 @@ def fill(url: str, first: int, last: int, p: dict[str, Any], threads: int = 1) -
             list(pool.map(lambda i: add_session(store, i, p), range(first, last)))
 
 
+PYCACHE = Path(tempfile.gettempdir()) / "ptutils-bench-pycache"
+"""Where the commands measured keep their bytecode. An installed ptutils has its .pyc
+files; a checkout run with PYTHONDONTWRITEBYTECODE=1 would compile every module of it
+at every start (~0.1 s), so that is unset and the bytecode kept out of the tree."""
+
+
+def command_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PTUTILS_STORE", "FORCE_COLOR", "PYTHONDONTWRITEBYTECODE")}
+    return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "120",
+            "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+
+
 def cli(*args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PTUTILS_STORE", "FORCE_COLOR")}
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT,
-                         env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": "120"},
-                         capture_output=True, text=True, timeout=600)
+                         env=command_env(), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"ptutils {' '.join(args)} failed: {out.stderr[-2000:]}")
 
@@ -122,7 +133,8 @@ def empty_and_startup(mongo: str, local: str, p: dict[str, Any]
         "status, empty local store": lambda: cli("status", "--store", local),
         "status, empty MongoDB store": lambda: cli("status", "--store", mongo),
         "ptutils --help": lambda: cli("--help"),
-        "python -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
+        "python -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True,
+                                                 env=command_env()),
     }, repeat=p["repeat"])
     rows = [row(f"{name} (median)", t.median, "s") for name, t in timings.items()]
     return rows, {name: t.median for name, t in timings.items()}
