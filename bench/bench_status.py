@@ -82,17 +82,14 @@ def fill(url: str, first: int, last: int, p: dict[str, Any], threads: int = 1) -
             list(pool.map(lambda i: add_session(store, i, p), range(first, last)))
 
 
-PYCACHE = Path(tempfile.gettempdir()) / "ptutils-bench-pycache"
-"""Where the commands measured keep their bytecode. An installed ptutils has its .pyc
-files; a checkout run with PYTHONDONTWRITEBYTECODE=1 would compile every module of it
-at every start (~0.1 s), so that is unset and the bytecode kept out of the tree."""
-
-
 def command_env() -> dict[str, str]:
+    """The environment of the commands measured. An installed ptutils has its .pyc files;
+    a checkout run with PYTHONDONTWRITEBYTECODE=1 would compile every module of it at
+    every start (~0.1 s), so that is unset (the checkout's __pycache__ is git-ignored)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PTUTILS_STORE", "FORCE_COLOR", "PYTHONDONTWRITEBYTECODE")}
-    return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "120",
-            "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+           if k not in ("PTUTILS_STORE", "FORCE_COLOR", "PYTHONDONTWRITEBYTECODE",
+                        "PYTHONPYCACHEPREFIX")}
+    return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
 
 
 def cli(*args: str) -> None:
