@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from orchestrator.status import STATES
+from orchestrator.status import DEFAULT_LIMIT, STATES
 from orchestrator.trust import allow_imports_option, trust_session_code_option
 
 STORE_HELP = ("Where runs are stored: a mongodb:// URL (or a folder, for workers on one "
@@ -203,39 +203,106 @@ def submit(config: str, overrides: tuple[str, ...], sweeps: tuple[str, ...], que
 @click.argument("sessions", nargs=-1)
 @click.option("--status", "status_filter", default=None, type=click.Choice(STATES),
               help="Only sessions in this state (the state shown, see above).")
+@click.option("--name", "name_prefix", default=None, metavar="PREFIX",
+              help="Only sessions whose name starts with PREFIX.")
+@click.option("--tag", "tags", multiple=True, help="Only sessions with this tag (repeatable).")
 @click.option("--sweep", default=None, help="Only the sessions of this sweep id.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--search", default=None, metavar="NAME", help="Only the sessions of this search.")
+@click.option("--since", default=None, metavar="AGE|DATE",
+              help="Only sessions updated since: an age (30m, 2h, 7d) or an ISO date/time "
+                   "(UTC unless it says otherwise).")
+@click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(1),
+              help="Sessions per page.")
+@click.option("--page", default=1, show_default=True, type=click.IntRange(1),
+              help="Page 2, 3, ...: the next --limit older sessions.")
+@click.option("--all", "show_all", is_flag=True, help="Every matching session, oldest first.")
+@click.option("--sort", default="created", show_default=True,
+              type=click.Choice(["created", "updated"]),
+              help="Which time decides `newest`.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the rows as one JSON array, streamed row by row.")
 @store_option
 @handle_errors
-def status(sessions: tuple[str, ...], status_filter: str | None, sweep: str | None,
-           as_json: bool, store_url: str | None) -> None:
+def status(sessions: tuple[str, ...], status_filter: str | None, name_prefix: str | None,
+           tags: tuple[str, ...], sweep: str | None, search: str | None, since: str | None,
+           limit: int, page: int, show_all: bool, sort: str, as_json: bool,
+           store_url: str | None) -> None:
     """Sessions with state, step/total, last loss, last eval metric, worker and age.
 
-    SESSIONS are names or ids (default: every session in the store).
+    SESSIONS are names or ids. Without them: the active sessions (queued, running) and
+    then the newest, --limit in all (default 50), shown oldest first; --page 2 for the
+    next older ones, --all for every session. Filters (--name, --tag, --sweep,
+    --search, --since, --status) run in the store, on indexed fields; a line below the
+    table says when more sessions match than are shown.
 
     \b
     States: running (a worker holds its lease), queued, waiting (its next chunk
     waits for an Eval), preempted (stopped at a preemption checkpoint, continuation
     queued), lost (its worker's lease expired; reconcile requeues it), paused
     (`ptutils run` stopped by Ctrl-C: `ptutils run --resume NAME`), completed, failed,
-    cancelled. --json has both `state` and the stored `status`.
+    cancelled. --json has both `state` and the stored `status`; it prints one JSON
+    array, written as the rows are read (no summary line).
     A folder --store that holds no store is not created: "no sessions".
     """
-    from orchestrator.status import status_rows
+    from orchestrator.status import Listing, parse_since, session_row
+    from ptutils.store.base import SessionQuery
 
     store = _open_for_reading(store_url, sessions, as_json)
     if store is None:
         return
-    rows = status_rows(store, sessions, status=status_filter, sweep=sweep)
+    if sessions:
+        now = store.now()
+        rows: Any = (session_row(store, store.get_session(ref), now) for ref in sessions)
+        if status_filter:
+            rows = (r for r in rows if r["state"] == status_filter)
+        listing, more = None, False
+    else:
+        try:
+            after = None if since is None else parse_since(since, store.now())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+        query = SessionQuery(name=name_prefix, tags=tags, sweep=sweep, search=search,
+                             since=after)
+        listing = Listing(query, state=status_filter, limit=None if show_all else limit,
+                          page=page, sort=sort)
+        if show_all:
+            rows, more = listing.rows(store), False
+        else:
+            docs, more = listing.page_of(store)
+            rows = listing.rows(store, docs)
     if as_json:
-        click.echo(json.dumps(rows))
-        return
+        _stream_json(rows)
+    else:
+        _print_table(list(rows), listing, more)
+    from orchestrator.cli import exit_after_reading
+
+    exit_after_reading(store)
+
+
+def _stream_json(rows: Any) -> None:
+    """One JSON array, a row per line, each written as soon as it is made."""
+    out, count = sys.stdout, 0
+    out.write("[")
+    for row in rows:
+        out.write(("," if count else "") + "\n" + json.dumps(row))
+        out.flush()
+        count += 1
+    out.write("\n]\n" if count else "]\n")
+
+
+def _print_table(rows: list[dict[str, Any]], listing: Any, more: bool) -> None:
     from rich.console import Console
 
     from orchestrator.table import status_table
 
     console = Console()
     console.print(status_table(rows, console.width))
+    if listing is None or not (more or listing.page > 1):
+        return
+    what = "the active and newest" if listing.page == 1 else f"page {listing.page}:"
+    hint = f"; --page {listing.page + 1} for older ones, --all for every one" if more else ""
+    console.print(f"{what} {len(rows)} sessions shown{hint}", markup=False,
+                  highlight=False, soft_wrap=True)
 
 
 def _open_for_reading(store_url: str | None, sessions: tuple[str, ...], as_json: bool) -> Any:

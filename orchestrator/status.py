@@ -5,13 +5,17 @@ What a row holds is decided here; how it is drawn, in orchestrator/table.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as _dt
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ptutils.errors import OrchestratorError, PtutilsError
 from ptutils.plan import pending_eval_steps
 from ptutils.slots import world_size_of
-from ptutils.store.base import CheckpointKind, SessionStatus, Store, new_id
+from ptutils.store import summary as summaries
+from ptutils.store.base import CheckpointKind, SessionQuery, SessionStatus, Store, new_id
 
 CANCEL_ATTEMPTS = 20
 """Compare-and-set attempts of `cancel` against a session that keeps moving."""
@@ -52,6 +56,9 @@ def _awaited_eval(store: Store, doc: dict[str, Any]) -> int | None:
     if not steps:
         return None
     n = steps[-1]
+    known = summaries.read(doc)
+    if known is not None and known["eval_step"] == n:
+        return None  # its result is the latest one in: no query
     done = store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)
     return None if done else n
 
@@ -66,14 +73,7 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
     """
     now = store.now() if now is None else now
     sid, step = doc["_id"], int(doc["step"])
-    loss = store.query_statistics(sid, name="loss", phase="train", step_min=step,
-                                  step_max=step) if step else []
-    evals = store.query_statistics(sid, phase="eval")
-    last_eval: dict[str, float] = {}
-    eval_step = None
-    if evals:
-        eval_step = max(p["step"] for p in evals)
-        last_eval = {p["name"]: p["value"] for p in evals if p["step"] == eval_step}
+    shown = _statistics_shown(store, doc)
     state, waiting_for = display_state(store, doc, now)
     lease = doc.get("lease") or {}
     error = doc.get("error") or {}
@@ -85,9 +85,10 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
         "waiting_for": waiting_for,
         "step": step,
         "total_steps": int(doc["total_steps"]),
-        "loss": loss[-1]["value"] if loss else None,
-        "eval_step": eval_step,
-        "eval": last_eval,
+        "loss": shown["loss"],
+        "loss_step": shown["loss_step"],
+        "eval_step": shown["eval_step"],
+        "eval": shown["eval"],
         "worker": lease.get("worker") if state == "running" else None,
         "world_size": _world_size(doc),
         "devices": list(lease.get("devices") or []) if state == "running" else None,
@@ -98,6 +99,28 @@ def session_row(store: Store, doc: dict[str, Any], now: float | None = None) -> 
         "updated_ago": now - float(doc.get("updated") or now),
         "error": error.get("message"),
     }
+
+
+def _statistics_shown(store: Store, doc: dict[str, Any]) -> dict[str, Any]:
+    """{loss, loss_step, eval_step, eval} of a session: from its `summary` (no query),
+    or, for the parts a session from an older ptutils lacks, from its statistics."""
+    known = summaries.read(doc) or {"loss": None, "loss_step": None, "eval_step": None,
+                                    "eval": {}, "complete": False}
+    if known["complete"]:
+        return known
+    sid, step = doc["_id"], int(doc["step"])
+    if known["loss"] is None and step:
+        loss = store.query_statistics(sid, name="loss", phase="train", step_min=step,
+                                      step_max=step)
+        if loss:
+            known.update(loss=loss[-1]["value"], loss_step=step)
+    if known["eval_step"] is None:
+        evals = store.query_statistics(sid, phase="eval")
+        if evals:
+            n = max(p["step"] for p in evals)
+            known.update(eval_step=n, eval={p["name"]: p["value"] for p in evals
+                                            if p["step"] == n})
+    return known
 
 
 def _world_size(doc: dict[str, Any]) -> int:
@@ -121,18 +144,128 @@ def status_rows(
     status: str | None = None,
     sweep: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for the named sessions (names or ids), or every session matching the filters.
+    """Rows for the named sessions (names or ids), or every session matching the filters,
+    oldest first.
 
     `status` filters on the state shown (see STATES), not on the stored status.
     """
     if refs:
-        docs = [store.get_session(ref) for ref in refs]
-    else:
-        docs = store.find_sessions(status=_stored_statuses(status) if status else None,
-                                   sweep=sweep)
-    now = store.now()
-    rows = [session_row(store, doc, now) for doc in docs]
-    return [r for r in rows if status is None or r["state"] == status]
+        now = store.now()
+        rows = [session_row(store, store.get_session(ref), now) for ref in refs]
+        return [r for r in rows if status is None or r["state"] == status]
+    listing = Listing(SessionQuery(sweep=sweep), state=status, limit=None)
+    return list(listing.rows(store))
+
+
+DEFAULT_LIMIT = 50
+"""Sessions `status` shows without --limit/--all: the active ones, then the newest."""
+
+PAGE_SIZE = 1000
+"""Sessions read per query when every one is listed (--all): memory stays bounded."""
+
+ACTIVE = (str(SessionStatus.QUEUED), str(SessionStatus.RUNNING))
+"""Stored statuses of sessions that are not finished or paused."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Which sessions `status` shows, and in what order (the dashboard asks the same).
+
+    `query` filters in the store (indexed); `state` filters on the state shown (see
+    STATES; the store narrows to the stored statuses it can come from). `limit=None`
+    lists every match, oldest first, read PAGE_SIZE at a time. Otherwise `page` 1 shows
+    the active sessions (queued, running) and fills up to `limit` with the newest of the
+    rest; page n > 1 the n-th `limit` newest. A page is shown oldest first.
+    """
+
+    query: SessionQuery = SessionQuery()
+    state: str | None = None
+    limit: int | None = DEFAULT_LIMIT
+    page: int = 1
+    sort: str = "created"
+
+    def store_query(self) -> SessionQuery:
+        if self.state is None:
+            return self.query
+        wanted = set(_stored_statuses(self.state))
+        if self.query.status is not None:
+            wanted &= set(self.query.status)
+        return replace(self.query, status=tuple(sorted(wanted)))
+
+    def docs(self, store: Store) -> Iterator[dict[str, Any]]:
+        """The session documents shown, in the order shown."""
+        if self.limit is None:
+            yield from self._every(store, self.store_query())
+            return
+        yield from self.page_of(store)[0]
+
+    def page_of(self, store: Store) -> tuple[list[dict[str, Any]], bool]:
+        """(the documents of this page in the order shown, whether more match): one
+        query per page, two on page 1 (the active ones, then the newest), no count."""
+        assert self.limit is not None, "page_of needs a limit"
+        query = self.store_query()
+        if self.page > 1:
+            docs = store.list_sessions(query, sort=self.sort, limit=self.limit + 1,
+                                       offset=(self.page - 1) * self.limit)
+            more = len(docs) > self.limit
+            docs = docs[: self.limit]
+        else:
+            docs, more = self._active_then_newest(store, query)
+        key = lambda d: (float(d.get(self.sort) or 0), d["name"])  # noqa: E731
+        return sorted(docs, key=key), more
+
+    def rows(self, store: Store, docs: Iterable[dict[str, Any]] | None = None
+             ) -> Iterator[dict[str, Any]]:
+        """The rows shown (see session_row), in the order shown (of `docs`, when given)."""
+        now = store.now()
+        for doc in self.docs(store) if docs is None else docs:
+            row = session_row(store, doc, now)
+            if self.state is None or row["state"] == self.state:
+                yield row
+
+    def _every(self, store: Store, query: SessionQuery) -> Iterator[dict[str, Any]]:
+        offset = 0
+        while True:
+            docs = store.list_sessions(query, sort=self.sort, descending=False,
+                                       limit=PAGE_SIZE, offset=offset)
+            yield from docs
+            if len(docs) < PAGE_SIZE:
+                return
+            offset += PAGE_SIZE
+
+    def _active_then_newest(self, store: Store, query: SessionQuery
+                            ) -> tuple[list[dict[str, Any]], bool]:
+        assert self.limit is not None
+        active_statuses = [s for s in ACTIVE if query.status is None or s in query.status]
+        active = store.list_sessions(replace(query, status=tuple(active_statuses)),
+                                     sort=self.sort, limit=self.limit + 1
+                                     ) if active_statuses else []
+        if len(active) > self.limit:
+            return active[: self.limit], True
+        picked = {d["_id"]: d for d in active}
+        newest = store.list_sessions(query, sort=self.sort, limit=self.limit + 1)
+        for doc in newest:
+            if len(picked) >= self.limit:
+                break
+            picked.setdefault(doc["_id"], doc)
+        more = any(d["_id"] not in picked for d in newest)
+        return list(picked.values()), more
+
+
+def parse_since(text: str, now: float) -> float:
+    """UNIX seconds of `--since`: an age (`90s`, `30m`, `2h`, `7d`) or an ISO date/time
+    (`2026-12-01`, `2026-12-01T09:30`, UTC unless it says otherwise). ValueError if
+    neither."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if found:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[found[2]]
+        return now - float(found[1]) * unit
+    try:
+        when = _dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an age (90s, 30m, 2h, 7d, 1w) nor an ISO "
+                         "date (2026-12-01, 2026-12-01T09:30)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=_dt.UTC)).timestamp()
 
 
 def all_finished(rows: Sequence[dict[str, Any]]) -> bool:

@@ -78,3 +78,39 @@ def test_the_plan_and_the_cli_start_without_torch(module):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"importing {module} loads torch"
+
+
+def _cli_loads_torch(*args: str) -> tuple[bool, str]:
+    """Run `ptutils ARGS` in a fresh interpreter: (whether torch got imported, output).
+    Read from `-X importtime`, which logs each import as it happens."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    imported = {line.rpartition("|")[2].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    return "torch" in imported, out.stdout
+
+
+def test_commands_that_touch_no_tensor_never_import_torch(tmp_path, mongo_uri, redis_url):
+    """`status`, `stats`, `submit --help`, `reconcile` on either store start without
+    torch (1.5 s, 230 MiB): the MongoDB store imports the codec lazily (issue 12)."""
+    from ptutils.store import StatPoint, new_session_doc, open_store
+
+    local = str(tmp_path / "runs")
+    for url in (local, mongo_uri):
+        with open_store(url) as store:
+            doc = store.create_session(new_session_doc("s", {"session": {}}, "h", 10))
+            store.write_statistics(doc["_id"], [StatPoint("train", 1, "loss", 0.5)])
+    commands = [
+        ("status", "--store", local), ("status", "--store", mongo_uri),
+        ("status", "--all", "--json", "--store", mongo_uri),
+        ("stats", "s", "--json", "--store", mongo_uri), ("stats", "s", "--store", local),
+        ("submit", "--help"), ("status", "--help"),
+        ("reconcile", "--store", mongo_uri, "--broker", redis_url),
+    ]
+    for args in commands:
+        loaded, output = _cli_loads_torch(*args)
+        assert not loaded, f"`ptutils {' '.join(args)}` imports torch:\n{output}"
+        if args[0] == "status" and "--help" not in args:
+            assert "s " in output or '"name": "s"' in output, output

@@ -17,21 +17,51 @@ nest at most `MAX_DEPTH` levels, in both directions.
 
 from __future__ import annotations
 
-from ptutils.codec.blob import ALIGN, MAGIC, dump, dumps, load, loads
-from ptutils.codec.buffers import TORCH_DTYPES
-from ptutils.codec.segments import (
-    FORMAT_VERSION,
-    MAX_SEGMENT,
-    Encoded,
-    Hasher,
-    Segment,
-    checksum,
-    decode,
-    encode,
-    segment_hashes,
-)
-from ptutils.codec.structure import MAX_DEPTH
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ptutils.errors import CodecError
+
+if TYPE_CHECKING:
+    from ptutils.codec.blob import ALIGN, MAGIC, dump, dumps, load, loads
+    from ptutils.codec.buffers import TORCH_DTYPES
+    from ptutils.codec.segments import (
+        FORMAT_VERSION,
+        MAX_SEGMENT,
+        Encoded,
+        Hasher,
+        Segment,
+        checksum,
+        decode,
+        encode,
+        segment_hashes,
+    )
+    from ptutils.codec.structure import MAX_DEPTH
+
+_LAZY = {
+    **dict.fromkeys(("ALIGN", "MAGIC", "dump", "dumps", "load", "loads"), "blob"),
+    "TORCH_DTYPES": "buffers",
+    **dict.fromkeys(("FORMAT_VERSION", "MAX_SEGMENT", "Encoded", "Hasher", "Segment",
+                     "checksum", "decode", "encode", "segment_hashes"), "segments"),
+    "MAX_DEPTH": "structure",
+}
+"""Where each public name lives. They load on first use (PEP 562): the codec needs torch,
+and `import ptutils.codec` (the MongoDB store does it) must not cost 1.5 s of torch in
+commands that never touch a tensor (`ptutils status`)."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "ALIGN",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ptutils.store.base import (  # noqa: F401
     CheckpointKind,
+    SessionQuery,
     SessionStatus,
     StatPoint,
     Store,

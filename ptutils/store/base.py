@@ -53,6 +53,16 @@ Statistics
     idempotent on (session, phase, step, name): writing a point again overwrites it.
   * `delete_statistics(session, after_step=s)` removes points with step > s (used when
     a chunk restarts from s, so a lost attempt's points are replaced, not duplicated).
+  * Both keep the session's `summary` (ptutils.store.summary: last train loss, last eval
+    metrics, newest point time) with one extra update per call, so listings need no
+    statistics query.
+
+Listing
+  * `list_sessions(query, sort=, descending=, limit=, offset=)`: a page of the sessions
+    matching a `SessionQuery` (name prefix, tags, sweep, search, statuses, updated
+    since), sorted by `created` or `updated` (ties by name), every filter and sort served
+    by an index; `count_sessions(query)` counts them. `ptutils status` and the
+    dashboard list through these.
 """
 
 from __future__ import annotations
@@ -125,11 +135,14 @@ SESSION_FIELDS = (
     "meta",
     "events",
     "init",
+    "summary",
 )
 """Top-level fields of a session document. `lease` is {"worker", "expires"} or None;
 `checkpoint` is {"step", "kind"} of the latest complete checkpoint or None; `events` is
 the recent history of what happened to the session ({time, kind, message}, newest last);
-`init` (warm starts only, see ptutils.warmstart) records where step 0 came from."""
+`init` (warm starts only, see ptutils.warmstart) records where step 0 came from;
+`summary` is what a listing shows of its statistics (ptutils.store.summary), kept by
+`write_statistics`."""
 
 EVENTS_KEPT = 100
 """A session document keeps its last this many events."""
@@ -172,6 +185,7 @@ def new_session_doc(
         "sweep": sweep,
         "meta": dict(meta or {}),
         "events": [],
+        "summary": {"complete": True},
     }
 
 
@@ -183,6 +197,45 @@ def event(kind: str, message: str, now: float) -> dict[str, Any]:
 def with_event(doc: dict[str, Any], entry: dict[str, Any]) -> list[dict[str, Any]]:
     """The session's `events` with `entry` appended, bounded to the last EVENTS_KEPT."""
     return [*(doc.get("events") or []), entry][-EVENTS_KEPT:]
+
+
+SESSION_SORTS = ("created", "updated")
+"""Fields `Store.list_sessions` sorts by (each indexed on both backends)."""
+
+LISTING_OMITS = ("events", "code")
+"""Session fields `Store.list_sessions` leaves out: a listing never shows them, and they
+are the bulk of a document (the last 100 events, the session's own .py files)."""
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    """Filters of `Store.list_sessions` / `count_sessions`; every one given must hold.
+
+    `name`: a name prefix; `tags`: tags the session has (all of them); `search`: the
+    sessions of this search (its tag `search:NAME`); `status`: stored statuses;
+    `since`: `updated` at or after this time (UNIX seconds).
+    """
+
+    name: str | None = None
+    tags: tuple[str, ...] = ()
+    sweep: str | None = None
+    search: str | None = None
+    status: tuple[str, ...] | None = None
+    since: float | None = None
+
+    @property
+    def all_tags(self) -> tuple[str, ...]:
+        return (*self.tags, *((f"search:{self.search}",) if self.search else ()))
+
+
+def check_page(sort: str, limit: int | None, offset: int) -> None:
+    """`StoreError` naming a sort field that is not indexed, or a negative page."""
+    from ptutils.errors import StoreError
+
+    if sort not in SESSION_SORTS:
+        raise StoreError(f"sessions sort by one of {', '.join(SESSION_SORTS)}, not {sort!r}")
+    if (limit is not None and limit < 0) or offset < 0:
+        raise StoreError(f"a page needs limit >= 0 and offset >= 0 (got {limit}, {offset})")
 
 
 @dataclass(frozen=True)
@@ -219,6 +272,24 @@ class Store(abc.ABC):
         tag: str | None = None,
     ) -> list[dict[str, Any]]:
         """Sessions matching every given filter, oldest first."""
+
+    @abc.abstractmethod
+    def list_sessions(
+        self,
+        query: SessionQuery = SessionQuery(),
+        *,
+        sort: str = "created",
+        descending: bool = True,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """A page of the sessions matching `query`, sorted by `sort` (one of
+        SESSION_SORTS; ties by name) and without the LISTING_OMITS fields: one indexed
+        query, whatever the number of sessions (`status`, the dashboard)."""
+
+    @abc.abstractmethod
+    def count_sessions(self, query: SessionQuery = SessionQuery()) -> int:
+        """How many sessions match `query`."""
 
     @abc.abstractmethod
     def cas_session(

@@ -35,9 +35,9 @@ from ptutils.errors import (
     SessionNotFound,
     StoreError,
 )
-from ptutils.store import DEFAULT_STORE
+from ptutils.store import DEFAULT_STORE, summary
 from ptutils.store import sqlite_db as db
-from ptutils.store.base import StatPoint, Store
+from ptutils.store.base import LISTING_OMITS, SessionQuery, StatPoint, Store, check_page
 from ptutils.store.document import get_path, set_path
 from ptutils.store.segment_files import READ_BLOCK, STALE_TEMP_S, SegmentFiles
 from ptutils.store.sqlite_db import BUSY_TIMEOUT_S, SCHEMA_VERSION, Database
@@ -105,7 +105,7 @@ class LocalStore(Store):
                     f"in {self.url}: pick another name, or resume that session"
                 )
             conn.execute(
-                "INSERT INTO sessions (id, name, status, sweep, created, doc) VALUES (?,?,?,?,?,?)",
+                f"INSERT INTO sessions ({db.SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
                 db.session_row(doc, text),
             )
             db.save_tags(conn, doc)
@@ -143,6 +143,35 @@ class LocalStore(Store):
             rows = conn.execute(sql, args).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def list_sessions(
+        self,
+        query: SessionQuery = SessionQuery(),
+        *,
+        sort: str = "created",
+        descending: bool = True,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """A page of matching sessions by `sort` (indexed), without LISTING_OMITS."""
+        check_page(sort, limit, offset)
+        where, args = db.session_where(query)
+        order = "DESC" if descending else "ASC"
+        sql = (f"SELECT doc FROM sessions{db.where_sql(where)} ORDER BY {sort} {order}, "
+               f"name {order} LIMIT ? OFFSET ?")
+        with self._db.read() as conn:
+            rows = conn.execute(sql, [*args, -1 if limit is None else limit, offset]).fetchall()
+        docs = [json.loads(r[0]) for r in rows]
+        for doc in docs:
+            for key in LISTING_OMITS:
+                doc.pop(key, None)
+        return docs
+
+    def count_sessions(self, query: SessionQuery = SessionQuery()) -> int:
+        where, args = db.session_where(query)
+        with self._db.read() as conn:
+            return int(conn.execute(f"SELECT count(*) FROM sessions{db.where_sql(where)}",
+                                    args).fetchone()[0])
+
     def cas_session(
         self, session_id: str, expect: dict[str, Any], update: dict[str, Any]
     ) -> dict[str, Any] | None:
@@ -167,8 +196,8 @@ class LocalStore(Store):
             text = db.to_json(doc, "session document")
             try:
                 conn.execute(
-                    "UPDATE sessions SET id=?, name=?, status=?, sweep=?, created=?, doc=? "
-                    "WHERE id=?",
+                    "UPDATE sessions SET id=?, name=?, status=?, sweep=?, created=?, doc=?, "
+                    "updated=? WHERE id=?",
                     (*db.session_row(doc, text), session_id),
                 )
             except sqlite3.IntegrityError as exc:
@@ -462,14 +491,18 @@ class LocalStore(Store):
 
     # --- statistics --------------------------------------------------------------------
     def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:
-        """Upsert points on (session, phase, step, name) in one transaction."""
+        """Upsert points on (session, phase, step, name) and fold them into the session's
+        `summary` (ptutils.store.summary), in one transaction."""
+        points = list(points)
         rows = [db.stat_row(session_id, p) for p in points]
         if rows:
+            batch = summary.summarize(points)
             with self._db.write() as conn:
                 conn.executemany(
                     f"INSERT OR REPLACE INTO statistics ({db.STAT_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
                     rows,
                 )
+                db.update_session_doc(conn, session_id, lambda doc: summary.apply(doc, batch))
         return len(rows)
 
     def delete_statistics(self, session_id: str, *, after_step: int) -> int:
@@ -479,6 +512,8 @@ class LocalStore(Store):
                 "DELETE FROM statistics WHERE session = ? AND step > ?",
                 (session_id, int(after_step)),
             )
+            db.update_session_doc(conn, session_id,
+                                  lambda doc: summary.trim(doc, int(after_step)))
             return cur.rowcount
 
     def query_statistics(

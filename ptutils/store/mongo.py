@@ -36,7 +36,16 @@ from ptutils.errors import (
     SessionNotFound,
     StoreError,
 )
-from ptutils.store.base import GC_GRACE_S, StatPoint, Store, new_id
+from ptutils.store.base import (
+    GC_GRACE_S,
+    LISTING_OMITS,
+    SESSION_SORTS,
+    SessionQuery,
+    StatPoint,
+    Store,
+    check_page,
+    new_id,
+)
 from ptutils.store.mongo_fields import (
     decode_metrics,
     doc_key,
@@ -48,7 +57,8 @@ from ptutils.store.mongo_fields import (
 )
 from ptutils.store.mongo_retry import Retry, is_duplicate, is_transient, log, redact_url
 from ptutils.store.mongo_segments import SegmentStore
-from ptutils.store.mongo_stats import StatisticBuckets
+from ptutils.store.mongo_stats import StatisticBuckets, summary_ops, trim_summary_ops
+from ptutils.store.summary import summarize
 
 __all__ = ["DEFAULT_DB", "GC_GRACE_S", "MongoStore", "is_transient", "redact_url"]
 
@@ -63,6 +73,25 @@ _CKPT_RESERVED = frozenset(
     {"_id", "session", "step", "kind", "manifest", "checksum", "segments", "size",
      "created", "state", "bytes_written", "deleting_since"}
 )  # fmt: skip
+
+
+def _session_filter(query: SessionQuery) -> dict[str, Any]:
+    """The MongoDB filter of a `SessionQuery` (each condition on an indexed field)."""
+    out: dict[str, Any] = {}
+    if query.name:
+        out["name"] = {"$gte": query.name, "$lt": query.name + "\U0010ffff"}  # a prefix
+    if query.status is not None:
+        out["status"] = {"$in": plain(list(query.status))}
+    if query.sweep is not None:
+        out["sweep"] = query.sweep
+    tags = query.all_tags
+    if len(tags) == 1:
+        out["tags"] = {"$in": list(tags)}  # array membership; nx-27017 needs $in here
+    elif tags:
+        out["tags"] = {"$all": list(tags)}
+    if query.since is not None:
+        out["updated"] = {"$gte": float(query.since)}
+    return out
 
 
 def _db_name(url: str) -> str:
@@ -131,6 +160,11 @@ class MongoStore(Store):
         self._sessions.create_index("name", unique=True)
         for field in ("status", "tags", "sweep"):
             self._sessions.create_index(field)
+        # listings: each sort with its tie-break (the unique name), walked either way;
+        # not `_id`, which nx-27017 cannot put in a compound index
+        for field in SESSION_SORTS:
+            self._sessions.create_index([(field, -1), ("name", -1)])
+        self._sessions.create_index([("status", 1), ("created", -1), ("name", -1)])
         self._ckpts.create_index([("session", 1), ("step", 1), ("kind", 1)], unique=True)
         self._ckpts.create_index("segments")
         self._stats.create_indexes()
@@ -231,6 +265,33 @@ class MongoStore(Store):
             "listing sessions",
             lambda _: list(self._sessions.find(query).sort([("created", 1), ("_id", 1)])),
         )
+
+    def list_sessions(
+        self,
+        query: SessionQuery = SessionQuery(),
+        *,
+        sort: str = "created",
+        descending: bool = True,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """A page of matching sessions by `sort` (indexed), without LISTING_OMITS."""
+        check_page(sort, limit, offset)
+        if limit == 0:
+            return []
+        order = -1 if descending else 1
+        omit = dict.fromkeys(LISTING_OMITS, 0)
+
+        def find(_: bool) -> list[dict[str, Any]]:
+            cursor = self._sessions.find(_session_filter(query), omit)
+            cursor = cursor.sort([(sort, order), ("name", order)]).skip(offset)
+            return list(cursor.limit(limit) if limit else cursor)
+
+        return self._retry("listing sessions", find)
+
+    def count_sessions(self, query: SessionQuery = SessionQuery()) -> int:
+        return int(self._retry("counting sessions",
+                               lambda _: self._sessions.count_documents(_session_filter(query))))
 
     def cas_session(
         self, session_id: str, expect: dict[str, Any], update: dict[str, Any]
@@ -604,11 +665,22 @@ class MongoStore(Store):
 
     # --- statistics ------------------------------------------------------------------
     def write_statistics(self, session_id: str, points: Iterable[StatPoint]) -> int:
-        """Upsert points into their buckets; a point written again overwrites it."""
-        return self._stats.write(session_id, points)
+        """Upsert points into their buckets (a point written again overwrites it), then
+        fold them into the session's `summary` (one ordered bulk write)."""
+        points = list(points)
+        count = self._stats.write(session_id, points)
+        self._update_summary(session_id, summary_ops(session_id, summarize(points)))
+        return count
 
     def delete_statistics(self, session_id: str, *, after_step: int) -> int:
-        return self._stats.delete_after(session_id, int(after_step))
+        removed = self._stats.delete_after(session_id, int(after_step))
+        self._update_summary(session_id, trim_summary_ops(session_id, int(after_step)))
+        return removed
+
+    def _update_summary(self, session_id: str, ops: list[Any]) -> None:
+        if ops:  # idempotent: a retry after an unknown outcome sets the same values
+            self._retry(f"updating the summary of session {session_id}",
+                        lambda _: self._sessions.bulk_write(ops, ordered=True))
 
     def query_statistics(
         self,

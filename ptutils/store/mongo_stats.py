@@ -251,3 +251,36 @@ def _row(doc: Doc, step: int, pair: list[Any]) -> Doc:
         "value": float(decode_number(value)),
         "time": None if stamp is None else float(decode_number(stamp)),
     }  # fmt: skip
+
+
+def summary_ops(session_id: str, batch: Any) -> list[UpdateOne]:
+    """The session-document updates that fold a batch (`summary.BatchSummary`) into
+    `summary`, to run as one ordered `bulk_write` (one round trip).
+
+    Per part: create `summary.<part>.step` = -1 where it is missing, then `$set` the part
+    where the stored step is `$lte` the batch's; `summary.time` moves by `$max`. Only
+    documented MongoDB semantics, in forms nx-27017 also applies: no `$or` (the stand-in
+    drops the `_id` condition beside one) and no `$max` on a sub-document (it cannot
+    compare them).
+    """
+    ops = []
+    for part in ("train", "eval"):
+        new = getattr(batch, part)
+        if new is None:
+            continue
+        field = f"summary.{part}.step"
+        ops.append(UpdateOne({"_id": session_id, field: {"$exists": False}},
+                             {"$set": {field: -1}}))
+        ops.append(UpdateOne({"_id": session_id, field: {"$lte": new["step"]}},
+                             {"$set": {f"summary.{part}": new}}))
+    if batch.time is not None:
+        ops.append(UpdateOne({"_id": session_id}, {"$max": {"summary.time": batch.time}}))
+    return ops
+
+
+def trim_summary_ops(session_id: str, after_step: int) -> list[UpdateOne]:
+    """Drop the summary parts whose step is above `after_step` (their points are gone)
+    and clear `summary.complete` (readers query the statistics for a missing part)."""
+    return [UpdateOne({"_id": session_id, f"summary.{part}.step": {"$gt": int(after_step)}},
+                      {"$unset": {f"summary.{part}": ""}, "$set": {"summary.complete": False}})
+            for part in ("train", "eval")]

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from enum import Enum
 from pathlib import Path
@@ -31,9 +31,12 @@ BUSY_TIMEOUT_S = 60.0
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
         id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, status TEXT, sweep TEXT,
-        created REAL NOT NULL, doc TEXT NOT NULL)""",
+        created REAL NOT NULL, doc TEXT NOT NULL, updated REAL)""",
+    "ALTER_ADD_UPDATED",
     "CREATE INDEX IF NOT EXISTS sessions_status ON sessions(status, created)",
     "CREATE INDEX IF NOT EXISTS sessions_sweep ON sessions(sweep, created)",
+    "CREATE INDEX IF NOT EXISTS sessions_created ON sessions(created, name)",
+    "CREATE INDEX IF NOT EXISTS sessions_updated ON sessions(updated, name)",
     """CREATE TABLE IF NOT EXISTS session_tags (
         tag TEXT NOT NULL, session TEXT NOT NULL, PRIMARY KEY (tag, session)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS session_tags_session ON session_tags(session)",
@@ -122,8 +125,25 @@ class Database:
                     f"one reads {SCHEMA_VERSION}): upgrade ptutils to open it"
                 )
             for stmt in _SCHEMA:
-                conn.execute(stmt)
+                if stmt == "ALTER_ADD_UPDATED":
+                    _add_updated_column(conn)
+                else:
+                    conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _add_updated_column(conn: sqlite3.Connection) -> None:
+    """Give a database made before the `updated` column (listings filter and sort by it)
+    that column, filled from each document."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+    if "updated" in columns:
+        return
+    conn.execute("ALTER TABLE sessions ADD COLUMN updated REAL")
+    rows = conn.execute("SELECT id, created, doc FROM sessions").fetchall()
+    conn.executemany(
+        "UPDATE sessions SET updated = ? WHERE id = ?",
+        [(float(json.loads(doc).get("updated") or created), sid) for sid, created, doc in rows],
+    )
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:
@@ -189,17 +209,46 @@ def in_clause(column: str, values: Sequence[Any]) -> str:
 
 
 # --- sessions -------------------------------------------------------------------------
+SESSION_COLUMNS = "id, name, status, sweep, created, doc, updated"
+"""The sessions columns `session_row` fills, in its order."""
+
+
 def session_row(doc: dict[str, Any], text: str) -> tuple[Any, ...]:
-    """(id, name, status, sweep, created, doc) of a session document and its JSON text."""
+    """(id, name, status, sweep, created, doc, updated) of a session document and its
+    JSON text."""
     status, sweep = doc.get("status"), doc.get("sweep")
+    created = float(doc.get("created") or time.time())
     return (
         doc["_id"],
         doc["name"],
         None if status is None else str(status),
         None if sweep is None else str(sweep),
-        float(doc.get("created") or time.time()),
+        created,
         text,
+        float(doc.get("updated") or created),
     )
+
+
+def session_where(query: Any) -> tuple[list[str], list[Any]]:
+    """SQL conditions and arguments of a `SessionQuery` (each served by an index)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if query.name:
+        where.append("name >= ? AND name < ?")  # a prefix, as a range of the name index
+        args += [query.name, query.name + "\U0010ffff"]
+    if query.status is not None:
+        where.append(in_clause("status", query.status) if query.status else "0")
+        args += [as_text(s) for s in query.status]
+    if query.sweep is not None:
+        where.append("sweep = ?")
+        args.append(query.sweep)
+    for tag in query.all_tags:
+        where.append("id IN (SELECT session FROM session_tags WHERE tag = ?)")
+        args.append(tag)
+    if query.since is not None:
+        where.append("updated >= ?")
+        args.append(float(query.since))
+    return where, args
 
 
 def save_tags(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
@@ -220,6 +269,18 @@ def load_session(
     if row is None and by_name:
         row = conn.execute("SELECT doc FROM sessions WHERE name = ?", (ref,)).fetchone()
     return None if row is None else json.loads(row[0])
+
+
+def update_session_doc(
+    conn: sqlite3.Connection, session_id: str, change: Callable[[dict[str, Any]], bool]
+) -> None:
+    """Apply `change` to the session's document in place and store it if it says it
+    changed something (`updated` is left alone: this is not a state change). Inside the
+    caller's write transaction; a missing session is left missing."""
+    doc = load_session(conn, session_id, by_name=False)
+    if doc is not None and change(doc):
+        conn.execute("UPDATE sessions SET doc = ? WHERE id = ?",
+                     (to_json(doc, "session document"), session_id))
 
 
 def session_exists(conn: sqlite3.Connection, session_id: str) -> bool:
