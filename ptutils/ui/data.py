@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from ptutils.errors import PtutilsError
+from ptutils.store import summary as summaries
 from ptutils.store.base import SessionStatus, Store
 
 PAGE_SIZES = (10, 25, 50, 100, 200)
@@ -108,15 +109,25 @@ def list_sessions(store: Store, filters: dict[str, str], sort: str, descending: 
 
 def table_rows(store: Store, docs: list[dict[str, Any]], now: float, state: State
                ) -> list[dict[str, Any]]:
-    """Rows of the sessions table: the documents plus their last metrics, read in a few
-    batched queries (one for eval points, one per cluster of nearby steps for the train
-    loss) rather than several per row."""
-    ids = [d["_id"] for d in docs]
+    """Rows of the sessions table: the documents plus their last metrics, from each
+    session's `summary` (no query), or for sessions of an older ptutils in a few batched
+    queries (one for eval points, one per cluster of nearby steps for the train loss)."""
     evals: dict[str, dict[int, dict[str, float]]] = {}
+    loss: dict[str, float] = {}
+    missing = []  # sessions whose `summary` does not hold every point (older ptutils)
+    for d in docs:
+        known = summaries.read(d)
+        if known is None or not known["complete"]:
+            missing.append(d)
+            continue
+        if known["loss"] is not None:
+            loss[d["_id"]] = known["loss"]
+        if known["eval_step"] is not None:
+            evals[d["_id"]] = {known["eval_step"]: known["eval"]}
+    ids = [d["_id"] for d in missing]
     for p in store.query_statistics(ids, phase="eval") if ids else []:
         evals.setdefault(p["session"], {}).setdefault(p["step"], {})[p["name"]] = p["value"]
-    loss: dict[str, float] = {}
-    for lo, hi, group in _step_groups(docs):
+    for lo, hi, group in _step_groups(missing):
         wanted = {d["_id"]: int(d["step"]) for d in group}
         for p in store.query_statistics(list(wanted), phase="train", name="loss",
                                         step_min=lo, step_max=hi):
