@@ -89,9 +89,10 @@ def run_chunks(
         session.callbacks.fire("on_chunk_end", reached)
         kind = plan.checkpoint_kind(reached, stop)
         state = session.state_dict()
-        more = _go_on(engine, session, live, reached, kind, chunks, stop_flag)
-        if more:
+        more = chunks < engine.chunks_per_task and kind == CheckpointKind.CHUNK
+        if more and not stop_flag.is_set():
             state = engine.snapshot.take(state)  # the host copy: training may go on
+            more = _evals_delivered(engine, session, live, reached)
         job = partial(_write, engine, live.doc, Task(TRAIN, live.task.session, live.task.token,
                       start, stop), reached, kind, state, stats,
                       session.history.last("loss"), more)  # fmt: skip
@@ -109,20 +110,15 @@ def run_chunks(
                        successors=[*live.successors, *next_tasks(new)])
 
 
-def _go_on(
-    engine: Engine, session: Session, live: Live, reached: int, kind: CheckpointKind,
-    chunks: int, stop_flag: Any,
-) -> bool:
-    """Whether this task trains the next chunk while the checkpoint at `reached` is
-    written: not if it is its last (preempted, done, or the task's chunk budget spent),
-    if early stopping fired, or if an Eval result the next chunk needs is missing."""
+def _evals_delivered(engine: Engine, session: Session, live: Live, reached: int) -> bool:
+    """Deliver the Eval results the chunk from `reached` needs (as a Train task starting
+    there would); False if one is missing or early stopping fired: the task ends here."""
     from ptutils.engine import deliver_evals
 
-    if chunks >= engine.chunks_per_task or kind != CheckpointKind.CHUNK or stop_flag.is_set():
-        return False
     if session.callbacks.stop_reason:
         return False
-    return deliver_evals(engine.store, live.doc, session, reached) is None
+    missing = deliver_evals(engine.store, live.doc, session, reached)
+    return missing is None and not session.callbacks.stop_reason
 
 
 def _write(
