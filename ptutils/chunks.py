@@ -90,7 +90,8 @@ def run_chunks(
         kind = plan.checkpoint_kind(reached, stop)
         state = session.state_dict()
         more = chunks < engine.chunks_per_task and kind == CheckpointKind.CHUNK
-        if more and not stop_flag.is_set():
+        more = more and not stop_flag.is_set()
+        if more:
             state = engine.snapshot.take(state)  # the host copy: training may go on
             more = _evals_delivered(engine, session, live, reached)
         job = partial(_write, engine, live.doc, Task(TRAIN, live.task.session, live.task.token,
