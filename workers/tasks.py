@@ -68,11 +68,13 @@ SLOTS_RETRY_S = 2.0
 SLOTS_TOO_FEW_RETRY_S = 30.0
 """... and before one that needs more slots than its node has (a misrouted message)."""
 
-DEFAULT_CHUNKS_PER_TASK = 4
-"""Chunks one Train task may run ($PTUTILS_CHUNKS_PER_TASK): each chunk's checkpoint is
-written in the background while the next trains (ptutils.chunks); 1 writes every
-checkpoint synchronously. A task can then run this many chunks: keep Redis's
-visibility_timeout above that (a redelivery is fenced out, but wastes a worker)."""
+DEFAULT_CHUNKS_PER_TASK = 1
+"""Chunks one Train task may run ($PTUTILS_CHUNKS_PER_TASK). Above 1, each chunk's
+checkpoint is written in the background while the next trains (ptutils.chunks), and a
+task runs up to this many chunks: keep Redis's visibility_timeout above that (a
+redelivery is fenced out, but wastes a worker). The price: a worker killed while a
+write is in flight loses that chunk too (the session resumes from the commit before).
+1 (the default) writes and commits every checkpoint before training goes on."""
 
 EXIT_ABANDONED = 3
 """Exit status of a worker that left its task unfinished (grace over, second SIGTERM)."""
