@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptutils import registry
+from ptutils.chunks import Live, run_chunks, settle
+from ptutils.ckpt_writer import CheckpointWriter, HostSnapshot
 from ptutils.errors import CheckpointCorrupt, CheckpointNotFound, PtutilsError, StoreError
 from ptutils.group.slots import LocalSlots, Slots
 from ptutils.module import check_types
@@ -114,6 +116,8 @@ class Engine:
         slots: Slots | None = None,
         store_url: str | None = None,
         hang_timeout: float | None = None,
+        chunks_per_task: int = 1,
+        on_commit: Callable[[list[Task]], None] | None = None,
     ) -> None:
         """`gc_every`: seconds between store-wide garbage collections (run from Save);
         `gc_grace`: the age below which nothing unreferenced is collected.
@@ -123,7 +127,12 @@ class Engine:
         never refused); `store_url` is how the ranks open the store (default
         `store.url`; give it when that is redacted, a MongoDB URL with a password);
         `hang_timeout`: seconds a rank may go without a step before the group is
-        killed and retried (default $PTUTILS_HANG_TIMEOUT, else `lease_ttl`)."""
+        killed and retried (default $PTUTILS_HANG_TIMEOUT, else `lease_ttl`).
+
+        `chunks_per_task` > 1: a Train task runs up to that many chunks of its session
+        while each chunk's checkpoint is written in the background (ptutils.chunks);
+        `on_commit(tasks)` gets the Eval/Save tasks of each chunk committed before the
+        task ends (without it they come back in the Outcome's successors)."""
         self.store = store
         self.worker = worker
         self.lease_ttl = lease_ttl
@@ -138,6 +147,10 @@ class Engine:
             hang_timeout if hang_timeout is not None
             else float(env_hang) if env_hang else lease_ttl
         )
+        self.chunks_per_task = max(1, int(chunks_per_task))
+        self.on_commit = on_commit
+        self.writer = CheckpointWriter()
+        self.snapshot = HostSnapshot()
         self._warm: _Warm | None = None
         isolate_library_rngs()  # the store's client is imported by now
 
@@ -182,18 +195,29 @@ class Engine:
         )
         if doc is None:
             return Outcome(task, False, "lost the session while starting")
+        live = Live(doc, task)
         with _Heartbeat(self.store, task.session, self.worker, self.lease_ttl) as hb:
             try:
                 if plan.world_size > 1:
                     return self._train_group(doc, task, hb)
-                return self._train_leased(doc, task, hb)
-            except StoreError:
-                self._release(task)
-                raise
-            except PtutilsError as exc:
-                return self._fail(doc, task, exc)
+                return self._train_leased(doc, task, hb, live)
+            except StoreError as exc:
+                return self._store_failed(live, exc)
             except Exception as exc:  # noqa: BLE001 - recorded on the session, worker stays up
-                return self._fail(doc, task, exc)
+                settle(self, live)  # a write in flight commits its (earlier) checkpoint
+                return self._fail(live.doc, live.task, exc)
+
+    def _store_failed(self, live: Live, exc: StoreError) -> Outcome:
+        """A store error in a chunk: raised for redelivery of the task, unless this task
+        already committed a chunk (its message is stale then): that continuation is returned."""
+        settle(self, live)
+        self._warm = None
+        self._release(live.task)
+        if not live.committed:
+            raise exc
+        return Outcome(live.origin, True, f"store error ({exc}); continuing from step "
+                       f"{live.task.start}", step=live.task.start,
+                       successors=[*live.successors, live.task])
 
     def _fence(self, doc: dict[str, Any], task: Task) -> str | None:
         if SessionStatus(doc["status"]).finished:
@@ -204,7 +228,9 @@ class Engine:
             return f"stale: session is at step {doc['step']}, task was for {task.start}"
         return None
 
-    def _train_leased(self, doc: dict[str, Any], task: Task, hb: _Heartbeat) -> Outcome:
+    def _train_leased(
+        self, doc: dict[str, Any], task: Task, hb: _Heartbeat, live: Live
+    ) -> Outcome:
         try:
             session = self._session_at(doc, task.start)
         except UNLOADABLE as exc:
@@ -222,43 +248,14 @@ class Engine:
         if self.progress is not None:
             sid = task.session
             progress = lambda step, loss: self.progress(sid, step, loss)  # noqa: E731
-        reached, stats = session.trainer.run(
-            task.start,
-            task.stop,
-            callbacks=session.callbacks,
-            history=session.history,
-            stop_flag=_Either(self.stop_flag, hb.stop),
-            progress=progress,
-        )
-        if hb.lost:
-            self._warm = None
-            return Outcome(task, False, "lease lost during the chunk; work discarded")
-        session.step = reached
-        if reached == task.start:
-            self._release(task)
-            self._remember(doc, session)
-            return Outcome(
-                task, False, "stopped before the first step", step=reached, successors=[task]
-            )
-        session.callbacks.fire("on_chunk_end", reached)
-        self._write_stats(task.session, stats)
-        kind = session.plan.checkpoint_kind(reached, task.stop)
-        self.store.put_checkpoint(
-            task.session,
-            reached,
-            str(kind),
-            session.state_dict(),
-            metrics={"loss": session.history.last("loss")},
-        )
-        new = self._commit(doc, task, reached)
-        if new is None:
-            return Outcome(task, False, "fenced out at commit (another worker took over)")
-        self._remember(new, session)
-        return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
+        return run_chunks(self, session, live, hb, _Either(self.stop_flag, hb.stop), progress)
 
-    def _commit(self, doc: dict[str, Any], task: Task, reached: int) -> dict[str, Any] | None:
+    def _commit(
+        self, doc: dict[str, Any], task: Task, reached: int, *, keep_lease: bool = False
+    ) -> dict[str, Any] | None:
         """Move the session from the chunk's start to `reached`, whose checkpoint is in
-        the store (CAS on step, token and lease); the new document, or None if fenced out."""
+        the store (CAS on step, token and lease); the new document, or None if fenced out.
+        `keep_lease`: this worker goes on with the next chunk (a background write)."""
         plan = plan_of(doc)
         kind = plan.checkpoint_kind(reached, task.stop)
         done = reached >= plan.total_steps
@@ -268,14 +265,12 @@ class Engine:
             {
                 "step": reached,
                 "token": new_id(),
-                "lease": None,
+                **({} if keep_lease else {"lease": None}),
                 "attempts": 0,
                 "checkpoint": {"step": reached, "kind": str(kind)},
                 "status": str(SessionStatus.COMPLETED if done else SessionStatus.RUNNING),
             },
         )
-        if new is None:
-            self._warm = None
         return new
 
     def _unlease_waiting(self, doc: dict[str, Any], task: Task) -> None:

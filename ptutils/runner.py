@@ -37,6 +37,14 @@ from ptutils.warmstart import create_session as create_warm_session
 
 log = logging.getLogger("ptutils.runner")
 
+LOCAL_CHUNKS_PER_TASK = 1 << 30
+"""`ptutils run` has no task queue to share: a Train task goes on chunk after chunk,
+each chunk's checkpoint written in the background while the next trains (ptutils.chunks),
+until an Eval result is due, the session ends or it is stopped. $PTUTILS_CHUNKS_PER_TASK
+overrides it (1: every checkpoint written and committed before training goes on)."""
+
+CHUNKS_ENV = "PTUTILS_CHUNKS_PER_TASK"
+
 
 def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a config file and apply `a.b=value` overrides; `imports:` files become references.
@@ -289,7 +297,8 @@ def run_session(
     of this machine for `device: cuda`); `store_url` is how they open the store (needed
     when `store.url` is redacted: a MongoDB URL with a password)."""
     engine = Engine(store, worker=local_worker_id(), progress=progress, stop_flag=stop_flag,
-                    slots=_local_slots(doc), store_url=store_url)
+                    slots=_local_slots(doc), store_url=store_url,
+                    chunks_per_task=int(os.environ.get(CHUNKS_ENV) or LOCAL_CHUNKS_PER_TASK))
     if warm is not None and doc["step"] == 0 and doc.get("checkpoint") in (None, INIT_CHECKPOINT):
         engine.adopt(doc, warm, getattr(warm, "_rng_at_build", None) or get_rng_state())
     started = time.time()

@@ -28,3 +28,18 @@ class KillAt(Callback):
             with open(self.marker, "w") as f:
                 f.write(str(step))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@register
+class SignalAt(Callback):
+    """Send `signal` (a name: SIGSTOP, ...) to process `pid` when `step` is logged
+    (once per marker file): e.g. freeze the store's server under a run."""
+
+    def __init__(self, step: int, pid: int, signal: str, marker: str) -> None:
+        self.step, self.pid, self.signal, self.marker = int(step), int(pid), signal, marker
+
+    def on_log(self, step: int, losses: Sequence[tuple[int, float]]) -> None:
+        if any(s == self.step for s, _ in losses) and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(str(step))
+            os.kill(self.pid, getattr(signal, self.signal))

@@ -159,8 +159,12 @@ def test_bad_input_is_refused_with_a_clear_error_and_nothing_stored(tmp_path, mu
         assert store.find_sessions() == []
 
 
-def test_failure_after_start_keeps_checkpoints_and_is_recorded(tmp_path):
+def test_failure_after_start_keeps_checkpoints_and_is_recorded(tmp_path, monkeypatch):
     """A data file that disappears between runs: --resume fails clearly, earlier work intact."""
+    # Checkpoints committed before training goes on, so the one at step 20 is surely in
+    # when the run is killed at step 30 (written in the background, it may still be in
+    # flight: the session would then resume from step 0, see test_async_checkpoint.py).
+    monkeypatch.setenv("PTUTILS_CHUNKS_PER_TASK", "1")
     from sklearn.datasets import load_digits
 
     digits = load_digits()

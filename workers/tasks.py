@@ -70,6 +70,14 @@ SLOTS_RETRY_S = 2.0
 SLOTS_TOO_FEW_RETRY_S = 30.0
 """... and before one that needs more slots than its node has (a misrouted message)."""
 
+DEFAULT_CHUNKS_PER_TASK = 1
+"""Chunks one Train task may run ($PTUTILS_CHUNKS_PER_TASK). Above 1, each chunk's
+checkpoint is written in the background while the next trains (ptutils.chunks), and a
+task runs up to this many chunks: keep Redis's visibility_timeout above that (a
+redelivery is fenced out, but wastes a worker). The price: a worker killed while a
+write is in flight loses that chunk too (the session resumes from the commit before).
+1 (the default) writes and commits every checkpoint before training goes on."""
+
 EXIT_ABANDONED = 3
 """Exit status of a worker that left its task unfinished (grace over, second SIGTERM)."""
 
@@ -87,7 +95,10 @@ class WorkerContext:
         self.slots = WorkerSlots(slots or NodeSlots.from_env())
         # store_url: how rank processes open the store (store.url hides a password)
         self.engine = Engine(store, worker=worker, lease_ttl=lease_ttl, slots=self.slots,
-                             progress=self._on_progress, store_url=store_url)
+                             progress=self._on_progress, store_url=store_url,
+                             chunks_per_task=int(_env_float("PTUTILS_CHUNKS_PER_TASK",
+                                                            DEFAULT_CHUNKS_PER_TASK)),
+                             on_commit=self._enqueue)
         self.shutting_down = threading.Event()
         self._current = threading.Event()
         self._routes: dict[str, tuple[Route, int]] = {}
@@ -204,6 +215,13 @@ class WorkerContext:
         pending: list[tuple[Task, float | None]] = [(t, None) for t in outcome.successors]
         if outcome.retry_after is not None:
             pending.append((outcome.task, outcome.retry_after))
+        self._send(pending)
+
+    def _enqueue(self, tasks: list[Task]) -> None:
+        """The Eval/Save tasks of a chunk committed while its Train task goes on."""
+        self._send([(t, None) for t in tasks])
+
+    def _send(self, pending: list[tuple[Task, float | None]]) -> None:
         for task, countdown in pending:
             try:
                 send(app, task, self.route(task.session), countdown=countdown)

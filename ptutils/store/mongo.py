@@ -371,7 +371,7 @@ class MongoStore(Store):
         put_id, stored = new_id(), False
         self._segments.register(put_id, session_id, hashes)
         try:
-            written = sum(self._segments.write(seg, put_id, where) for seg in encoded.segments)
+            written = self._segments.write_all(encoded.segments, put_id, where)
             doc = {
                 "_id": doc_key(session_id, step, kind),
                 "session": session_id,

@@ -20,6 +20,7 @@ import datetime as _dt
 import io
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bson import Int64
@@ -39,6 +40,10 @@ segment produces identical chunks."""
 
 CHUNK_BATCH = 16
 """GridFS chunks per insert or read (4 MiB): what a save or load holds beyond the State."""
+
+WRITE_THREADS = 4
+"""Threads that upload and verify the segments of one put (each holds one batch of
+`CHUNK_BATCH` chunks at a time)."""
 
 UPLOAD_WAIT_S = 10.0
 """How long a writer waits for another live writer to finish the same segment before
@@ -108,6 +113,18 @@ class SegmentStore:
                 self._uploads.delete_one({"_id": put_id})
         except (StoreError, PyMongoError) as exc:
             log.warning("could not unregister upload %s: %s", put_id, self._retry.scrub(str(exc)))
+
+    def write_all(self, segments: list[codec.Segment], put_id: str, where: str) -> int:
+        """Store each of `segments` (see `write`) in `WRITE_THREADS` parallel threads;
+        the bytes written. The first error is raised once every thread is done."""
+        if len(segments) <= 1:
+            return sum(self.write(seg, put_id, where) for seg in segments)
+        with ThreadPoolExecutor(min(WRITE_THREADS, len(segments))) as pool:
+            futures = [pool.submit(self.write, seg, put_id, where) for seg in segments]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        return sum(f.result() for f in futures)
 
     def write(self, seg: codec.Segment, put_id: str, where: str) -> int:
         """Store `seg` unless a verified copy is there; the bytes written."""

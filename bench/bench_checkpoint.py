@@ -1,0 +1,260 @@
+"""Checkpoints off the training path, side by side in one run (issue 12).
+
+- Stall per checkpoint: how long training waits at a chunk boundary with the background
+  writer (ptutils.ckpt_writer: host snapshot, then encode/hash/dedup/upload/commit in a
+  thread), against the host-copy time of the same State (the limit), a synchronous
+  `put_checkpoint`, and `torch.distributed.checkpoint.async_save` to a local folder. A
+  "chunk" between checkpoints is modelled as an accelerator busy for a while (the CPU
+  is free: `time.sleep`) and every tensor changed in place (so nothing deduplicates).
+- Local put vs `torch.save` + fsync of the same State; MongoDB put vs raw `GridFSBucket`
+  uploads of the same segment bytes on the same nx-27017 (started here, file-backed).
+- An Engine Train task of several chunks with the local store and background
+  checkpoints vs the plain PyTorch loop of bench_trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.bench_store import nx_server
+from bench.bench_trainer import _config, _plain_loop
+from bench.harness import Goal, compare, report
+from ptutils.ckpt_writer import CheckpointWriter, HostSnapshot
+from ptutils.engine import Engine
+from ptutils.protocol import TRAIN, Task
+from ptutils.store.base import Store, new_session_doc
+from ptutils.store.local import LocalStore
+from ptutils.store.mongo import MongoStore
+
+
+def _state(mb: int) -> dict[str, Any]:
+    """A State of about `mb` MB: an MLP and its SGD momentum (half and half)."""
+    torch.manual_seed(0)
+    width = 2048
+    layers = max(1, round(mb * 2**20 / 2 / (4 * width * width)))
+    net = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, width)).sum().backward()
+    opt.step()
+    return {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 0}
+
+
+def _nbytes(state: Any) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_nbytes(v) for v in state)
+    return 0
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def _train_chunk(state: dict[str, Any], seconds: float) -> None:
+    """Every tensor changes (in place, as an optimizer step does); then the device is busy."""
+    with torch.no_grad():
+        for t in _tensors(state):
+            if t.is_floating_point():
+                t.add_(1e-3)
+    time.sleep(seconds)
+
+
+def _session(store: Store, name: str) -> str:
+    return store.create_session(new_session_doc(name, {"session": {}}, "h", 10**6))["_id"]
+
+
+def _async_stalls(store: Store, state: dict[str, Any], chunks: int, chunk_s: float) -> list[float]:
+    """The Engine's boundary: wait for the previous write, snapshot, hand it over."""
+    sid, snap, writer, stalls = _session(store, f"async-{time.time_ns()}"), HostSnapshot(), \
+        CheckpointWriter(), []
+    snap.take(state)  # the buffers are allocated once per session, at its first checkpoint
+    for n in range(1, chunks + 1):
+        _train_chunk(state, chunk_s)
+        start = time.perf_counter()
+        writer.wait()
+        copy = snap.take(state)
+        writer.submit(lambda c=copy, n=n: store.put_checkpoint(sid, n, "chunk", c))
+        stalls.append(time.perf_counter() - start)
+    writer.close()
+    return stalls
+
+
+def _dcp_stalls(folder: Path, state: dict[str, Any], chunks: int, chunk_s: float) -> list[float]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=0, world_size=1)
+    stalls, pending = [], None
+    for n in range(1, chunks + 1):
+        _train_chunk(state, chunk_s)
+        start = time.perf_counter()
+        if pending is not None:
+            pending.result()
+        pending = dcp.async_save(state, checkpoint_id=str(folder / f"dcp-{n}"))
+        stalls.append(time.perf_counter() - start)
+    if pending is not None:
+        pending.result()
+    return stalls
+
+
+def _torch_save_fsync(path: Path, state: dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _raw_gridfs(uri: str, segments: list[Any]) -> None:
+    import pymongo
+    from gridfs import GridFSBucket
+
+    client = pymongo.MongoClient(uri)
+    try:
+        bucket = GridFSBucket(client.get_default_database(), bucket_name=f"raw{time.time_ns()}")
+        for seg in segments:
+            with bucket.open_upload_stream(seg.hash, chunk_size_bytes=255 * 1024) as up:
+                for piece in seg.chunks():
+                    up.write(piece.tobytes())  # GridIn takes bytes only
+    finally:
+        client.close()
+
+
+def _engine_task(steps: int, chunk: int, sessions: list[Any]) -> float:
+    """Seconds of a Train task of steps // chunk chunks, on a session built beforehand
+    (as the Trainer.run row of bench_trainer: building is not part of the step loop),
+    the store's creation not counted."""
+    from ptutils.rng import get_rng_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(tmp)
+        doc = store.create_session(new_session_doc("bench", _chunked(steps, chunk), "h", steps))
+        engine = Engine(store, chunks_per_task=steps // chunk)
+        engine.adopt(doc, sessions.pop(), get_rng_state())
+        start = time.perf_counter()
+        out = engine.train(Task(TRAIN, doc["_id"], doc["token"], 0, chunk))
+        elapsed = time.perf_counter() - start
+        assert out.ran and out.step == steps, out.reason
+        store.close()
+    return elapsed
+
+
+def _chunked(steps: int, chunk: int) -> dict[str, Any]:
+    cfg = _config(steps)
+    cfg["session"]["chunk_steps"] = chunk
+    return cfg
+
+
+def run(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    mb = 50 if quick else 200
+    chunks = 3 if quick else 4
+    repeat = 2 if quick else 3
+    state = _state(mb)
+    size = _nbytes(state)
+    rows: list[dict[str, Any]] = []
+
+    def row(what: str, where: str, seconds: list[float]) -> float:
+        med = statistics.median(seconds)
+        rows.append({"what": what, "store": where, "State MB": round(size / 1e6),
+                     "median s": round(med, 4), "best s": round(min(seconds), 4),
+                     "MB/s": round(size / 1e6 / med) if med else None})
+        return med
+
+    snap = HostSnapshot()
+    copy = row("host copy of the State (the limit)", "-",
+               [compare({"c": lambda: snap.take(state)}, repeat=5)["c"].median])
+    goals: list[Goal] = []
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+        root = Path(tmp)
+        local = LocalStore(root / "local")
+        sid = _session(local, "sync")
+        counter = iter(range(10**6))
+
+        def local_put() -> None:
+            _train_chunk(state, 0)  # new bytes: every segment is written
+            local.put_checkpoint(sid, next(counter), "chunk", state)
+
+        def save_fsync() -> None:
+            _train_chunk(state, 0)
+            _torch_save_fsync(root / "state.pt", state)
+
+        t = compare({"put": local_put, "save": save_fsync}, repeat=repeat)
+        put_s = row("synchronous put_checkpoint (new segments)", "local", [t["put"].median])
+        save_s = row("torch.save + fsync", "local file", [t["save"].median])
+        chunk_s = 2.0 * put_s  # a chunk longer than a write: the regime the overlap is for
+        stall_local = row("stall per checkpoint, background writer", "local",
+                          _async_stalls(local, state, chunks, chunk_s))
+        row("stall per checkpoint, synchronous put", "local", [put_s])
+        try:
+            dcp = _dcp_stalls(root / "dcp", state, chunks, chunk_s)
+            row("stall per checkpoint, torch DCP async_save", "local dir", dcp)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            rows.append({"what": f"torch DCP async_save failed: {exc}"[:120], "store": "-"})
+        local.close()
+        goals += [Goal("stall / host copy, local store", round(stall_local / copy, 2), 1.5, "<="),
+                  Goal("local put / (torch.save + fsync)", round(put_s / save_s, 2), 1.3, "<=")]
+
+        (root / "nx").mkdir()
+        with nx_server(root / "nx") as base:
+            uri = f"{base}/bench_ckpt"
+            mongo = MongoStore(uri)
+            msid = _session(mongo, "sync")
+            from ptutils import codec
+
+            def mongo_put() -> None:
+                _train_chunk(state, 0)
+                mongo.put_checkpoint(msid, next(counter), "chunk", state)
+
+            def raw() -> None:
+                _train_chunk(state, 0)
+                _raw_gridfs(uri, codec.encode(state).segments)
+
+            t = compare({"put": mongo_put, "raw": raw}, repeat=repeat, warmup=0)
+            mput = row("synchronous put_checkpoint (new segments)", "mongo (nx-27017)",
+                       [t["put"].median])
+            mraw = row("raw GridFSBucket uploads, same bytes", "mongo (nx-27017)",
+                       [t["raw"].median])
+            stall_mongo = row("stall per checkpoint, background writer", "mongo (nx-27017)",
+                              _async_stalls(mongo, state, chunks, 2.0 * mput))
+            mongo.close()
+        goals += [Goal("stall / host copy, MongoDB stand-in", round(stall_mongo / copy, 2),
+                       1.5, "<="),
+                  Goal("MongoDB put speed / raw GridFS", round(mraw / mput, 2), 0.8, ">=")]
+
+    from ptutils.data.readers import DigitsReader
+
+    cols = DigitsReader().read()
+    x, y = torch.from_numpy(cols["x"]), torch.from_numpy(cols["y"])
+    steps = 300 if quick else 1500
+    from ptutils.session import Session
+
+    ratios = []
+    sessions = [Session.create(_chunked(steps, steps // 5)) for _ in range(repeat + 1)]
+    _plain_loop(steps, x, y)  # warm-up
+    for _ in range(repeat):
+        plain = compare({"plain": lambda: _plain_loop(steps, x, y)}, repeat=1, warmup=0)
+        ratios.append(_engine_task(steps, steps // 5, sessions) / plain["plain"].median)
+    rows.append({"what": f"Engine task of 5 chunks, {steps} steps, background checkpoints "
+                 "vs plain loop", "store": "local", "ratio": round(statistics.median(ratios), 3)})
+    goals.append(Goal("Engine chunks with store + async checkpoint / plain loop",
+                      round(statistics.median(ratios), 3), 1.05, "<="))
+    return report("checkpoint", rows, goals)
