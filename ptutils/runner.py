@@ -27,7 +27,8 @@ from ptutils.errors import (
     SessionNotFound,
     TrainingError,
 )
-from ptutils.plan import train_task
+from ptutils.plan import pending_eval_steps, train_task
+from ptutils.protocol import EVAL, TRAIN, Task
 from ptutils.rng import get_rng_state
 from ptutils.session import Session
 from ptutils.sources import SourceFile, code_for, looks_like_path
@@ -303,12 +304,18 @@ def run_session(
         engine.adopt(doc, warm, getattr(warm, "_rng_at_build", None) or get_rng_state())
     started = time.time()
     queue = deque(t for t in [train_task(doc)] if t is not None)
+    rerun: set[tuple[str, int | None]] = set()  # lost Evals this run sent again
     while queue:
         task = queue.popleft()
         outcome = engine.run(task)
         if outcome.retry_after is not None and not outcome.successors and not (
             stop_flag is not None and stop_flag.is_set()
         ):  # e.g. a group restarted after a rank died: the attempts bound the retries
+            lost = [t for t in lost_evals(store, task) if (t.session, t.step) not in rerun]
+            if lost:  # a run stopped or killed before it ran them: run them first (once)
+                rerun.update((t.session, t.step) for t in lost)
+                queue.extendleft([task, *reversed(lost)])
+                continue
             time.sleep(min(outcome.retry_after, 1.0))
             queue.append(task)
             continue
@@ -324,6 +331,19 @@ def run_session(
                 raise PtutilsError(f"{task} did not run: {outcome.reason}")
         queue.extend(outcome.successors)
     return summarize(store, doc["_id"], time.time() - started)
+
+
+def lost_evals(store: Store, task: Task) -> list[Task]:
+    """The Evals a Train task waits for that nobody will run: their result is not stored
+    and, in a local run, no queue holds them (the run that made them was stopped, or
+    killed, before running them; with background checkpoints a task hands its Evals back
+    only when it ends). Empty for another task kind."""
+    if task.kind != TRAIN:
+        return []
+    doc = store.get_session(task.session)
+    return [Task(EVAL, doc["_id"], doc["token"], step=n)
+            for n in pending_eval_steps(doc, task.start)
+            if not store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)]
 
 
 def _local_slots(doc: dict[str, Any]) -> Any:
