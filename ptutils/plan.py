@@ -175,3 +175,15 @@ def pending_eval_steps(doc: dict[str, Any], start: int) -> list[int]:
     if limit <= 0:
         return []
     return [n for n in range(plan.chunk_steps, limit + 1, plan.chunk_steps) if plan.eval_due(n)]
+
+
+def lost_eval_steps(store: Any, doc: dict[str, Any]) -> list[int]:
+    """Eval-due steps, at or before the session's step, whose checkpoint is stored but
+    whose result is not: Evals lost with the process that was to run them (a `ptutils
+    run` or search driver killed between a chunk's commit and its Eval). Running them
+    again is safe: an Eval is idempotent and its result is a function of the checkpoint."""
+    plan = plan_of(doc)
+    stored = {int(c["step"]) for c in store.list_checkpoints(doc["_id"])}
+    done = {int(p["step"]) for p in store.query_statistics(doc["_id"], phase="eval")}
+    return sorted(n for n in stored
+                  if 0 < n <= int(doc["step"]) and plan.eval_due(n) and n not in done)

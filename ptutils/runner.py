@@ -27,7 +27,7 @@ from ptutils.errors import (
     SessionNotFound,
     TrainingError,
 )
-from ptutils.plan import pending_eval_steps, train_task
+from ptutils.plan import lost_eval_steps, pending_eval_steps, train_task
 from ptutils.protocol import EVAL, TRAIN, Task
 from ptutils.rng import get_rng_state
 from ptutils.session import Session
@@ -303,7 +303,8 @@ def run_session(
     if warm is not None and doc["step"] == 0 and doc.get("checkpoint") in (None, INIT_CHECKPOINT):
         engine.adopt(doc, warm, getattr(warm, "_rng_at_build", None) or get_rng_state())
     started = time.time()
-    queue = deque(t for t in [train_task(doc)] if t is not None)
+    lost = [Task(EVAL, doc["_id"], doc["token"], step=n) for n in lost_eval_steps(store, doc)]
+    queue = deque([*lost, *(t for t in [train_task(doc)] if t is not None)])
     rerun: set[tuple[str, int | None]] = set()  # lost Evals this run sent again
     while queue:
         task = queue.popleft()

@@ -220,6 +220,11 @@ def mongo_ping(uri: str, timeout_ms: int = 3000) -> str | None:
         client.close()
 
 
+REDIS_DATABASES = 64
+"""Databases of a test redis-server: tests take one each (tests/test_workers.py
+redis_db) and come round again only after 63 others."""
+
+
 class RedisProcess(ServerProcess):
     """A `redis-server` without persistence: a restart comes back with an empty dataset."""
 
@@ -237,7 +242,7 @@ class RedisProcess(ServerProcess):
         return [
             binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-            "--daemonize", "no",
+            "--daemonize", "no", "--databases", str(REDIS_DATABASES),
         ]
 
     def ready(self) -> bool:

@@ -34,7 +34,7 @@ from ptutils.protocol import TRAIN, Task
 from ptutils.store import open_store
 from ptutils.store.mongo import MongoStore
 from tests.helpers import assert_bit_identical, digits_config
-from tests.servers import RedisProcess, uri_with_db
+from tests.servers import REDIS_DATABASES, RedisProcess, uri_with_db
 from workers.app import make_app
 from workers.dispatch import Route, queue_depth, send
 
@@ -43,7 +43,7 @@ FIXTURES = str(ROOT / "tests" / "worker_fixtures.py")
 PY = sys.executable
 LEASE_TTL = 3.0
 SEEDS = (1, 2, 3)
-_redis_dbs = itertools.count(1)
+_redis_dbs = itertools.count(0)
 _live: list[Worker] = []
 
 
@@ -121,7 +121,7 @@ def redis_db(redis_server: RedisProcess) -> str:
 
     if not redis_server.alive:
         redis_server.start()
-    db = next(_redis_dbs) % 16 or next(_redis_dbs)
+    db = next(_redis_dbs) % (REDIS_DATABASES - 1) + 1  # 1.., never 0; was 17 once
     url = f"redis://127.0.0.1:{redis_server.port}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from ptutils.config import config_hash
 from ptutils.errors import ConfigError, PtutilsError, SessionNotFound
-from ptutils.plan import Plan
+from ptutils.plan import Plan, lost_eval_steps
 from ptutils.protocol import EVAL, Task
 from ptutils.search import pbt as pbt_mod
 from ptutils.search.sampler import ALGOS, ask
@@ -183,12 +183,18 @@ class Driver:
         self._apply(body)
         for t in body["trials"]:
             doc = self._session(t)
-            if doc is None or t["state"] in FINISHED:
+            if doc is None:
+                continue
+            lost = lost_eval_steps(self.store, doc)
+            for n in lost:  # the driver was killed before they ran
+                self.executor.evaluate(doc, n)
+            if t["state"] in FINISHED:
                 continue
             doc = self._clear_dead_lease(doc)
             if not SessionStatus(doc["status"]).finished:
                 self.executor.start(doc)
-            elif doc["step"] == t["budget"] and self._metric(doc, doc["step"]) is None:
+            elif doc["step"] == t["budget"] and doc["step"] not in lost \
+                    and self._metric(doc, doc["step"]) is None:
                 self.executor.evaluate(doc, doc["step"])
         return body
 
