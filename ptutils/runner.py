@@ -335,16 +335,16 @@ def run_session(
 
 
 def lost_evals(store: Store, task: Task) -> list[Task]:
-    """The Evals a Train task waits for that nobody will run: their result is not stored
-    and, in a local run, no queue holds them (the run that made them was stopped, or
-    killed, before running them; with background checkpoints a task hands its Evals back
-    only when it ends). Empty for another task kind."""
+    """The Evals a Train task waits for that nobody will run (`lost_eval_steps` among
+    its `pending_eval_steps`): in a local run no queue holds them, since the run that
+    made them was stopped, or killed, before running them (with background checkpoints
+    a task hands its Evals back only when it ends). Empty for another task kind."""
     if task.kind != TRAIN:
         return []
     doc = store.get_session(task.session)
+    waits_for = set(pending_eval_steps(doc, task.start))
     return [Task(EVAL, doc["_id"], doc["token"], step=n)
-            for n in pending_eval_steps(doc, task.start)
-            if not store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n)]
+            for n in lost_eval_steps(store, doc) if n in waits_for]
 
 
 def _local_slots(doc: dict[str, Any]) -> Any:
