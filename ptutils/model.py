@@ -183,10 +183,15 @@ class Model(Module):
         scaler: torch.amp.GradScaler | None = self.__dict__.get("scaler")
         opt.zero_grad(set_to_none=True)
         losses = []
-        for batch in micro:
-            loss, _ = self.loss(batch)
-            scaled = loss / len(micro) if len(micro) > 1 else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        # Under DistributedDataParallel the gradients of the first K-1 micro-batches stay
+        # local (`no_sync`); the last backward all-reduces their sum: one all-reduce a step.
+        no_sync = getattr(self.network, "no_sync", None)
+        for i, batch in enumerate(micro):
+            local = no_sync is not None and i < len(micro) - 1
+            with no_sync() if local else contextlib.nullcontext():
+                loss, _ = self.loss(batch)
+                scaled = loss / len(micro) if len(micro) > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             losses.append(loss.detach())
         if self.clip_grad_value or self.clip_grad_norm:
             if scaler is not None:

@@ -387,3 +387,36 @@ def test_a_step_the_fp16_scaler_skips_does_not_advance_a_step_scheduler():
     state = session.model.state_dict()
     assert state["scheduler"]["last_epoch"] == steps - skipped
     assert state["optimizer"]["state"][0]["step"].item() == steps - skipped
+
+
+def test_an_accumulated_step_under_ddp_all_reduces_once(tmp_path):
+    """K micro-batches under DistributedDataParallel: the first K-1 backwards keep their
+    gradients local (`no_sync`), so a step costs one all-reduce, not K; the step equals
+    the one without DDP."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp_run, plain_run = _plain(16, 3), _plain(16, 3)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            rank=0, world_size=1)
+    try:
+        reduced: list[int] = []
+
+        def count(state, bucket):  # type: ignore[no-untyped-def]  # DDP reads no strings
+            reduced.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp = DistributedDataParallel(ddp_run.model.network)
+        ddp.register_comm_hook(None, count)
+        ddp_run.model.__dict__["network"] = ddp
+        for _ in range(4):
+            ddp_run.trainer.step()
+            plain_run.trainer.step()
+        assert len(reduced) == 4 * len(set(reduced)), reduced  # each bucket once a step
+        for (k, a), b in zip(ddp.module.state_dict().items(),
+                             plain_run.model.network.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-6), k
+    finally:
+        dist.destroy_process_group()
