@@ -167,3 +167,40 @@ def test_requeue_resume_pause_refuse_what_does_not_apply_and_say_why(
             requeue(store, "queued-one", app)
         assert queue_depth(app, "train") == 1
 
+
+
+def test_sessions_table_pauses_the_ticked_sessions_and_shows_each_refusal(tmp_path):
+    """The dashboard's table (headless Chromium, a local store): "pause" on the ticked
+    sessions pauses the cluster one and says why the finished one is refused."""
+    from selenium.webdriver.common.by import By
+
+    from tests.ui_browser import UiServer, chromium, click, screenshot, wait_render, wait_until
+
+    cfg = cluster.config()
+    with open_store(tmp_path / "runs") as store:
+        queued = store.create_session(new_session_doc("cl-queued", cfg, "h", 60,
+                                                      meta={"queue": "train"}))
+        done = store.create_session(new_session_doc("done", cfg, "h", 60))
+        store.cas_session(done["_id"], {}, {"status": "completed"})
+    server = UiServer(str(tmp_path / "runs"), tmp_path)
+    browser = chromium()
+    try:
+        browser.get(server.url + "/")
+        wait_render(browser, 0)
+        pause = "#bulk button[data-action=pause]"
+        wait_until(lambda: browser.find_element(By.CSS_SELECTOR, pause).is_displayed(), 30,
+                   "the pause button of the table")
+        for box in browser.find_elements(By.CSS_SELECTOR, "#sessions input.pick"):
+            box.click()
+        click(browser, pause)
+        result = browser.find_element(By.ID, "bulk-result")
+        wait_until(lambda: ";" in result.text, 30, "the result of each pause")
+        assert "cl-queued: paused" in result.text
+        assert "'done' is completed: only a queued or running session" in result.text
+        screenshot(browser, "sessions-actions")
+    finally:
+        browser.quit()
+        server.stop()
+    with open_store(tmp_path / "runs") as store:
+        assert store.get_session(queued["_id"])["status"] == "paused"
+        assert store.get_session(done["_id"])["status"] == "completed"
