@@ -54,11 +54,11 @@ def pause(store: Store, ref: str) -> dict[str, Any]:
         doc = store.get_session(ref)
         status = str(doc["status"])
         if status == str(SessionStatus.PAUSED):
-            raise ActionRefused(f"{_named(doc)} is paused already: `ptutils resume "
-                                f"{doc['name']}` continues it")
+            raise ActionRefused(f"{_named(doc)} is paused already: "
+                                f"{_command(store, doc, 'resume')} continues it")
         if status not in ACTIVE:
             raise ActionRefused(f"{_named(doc)} is {status}: only a queued or running "
-                                "session can be paused" + _requeue_hint(doc))
+                                "session can be paused" + _requeue_hint(store, doc))
         _require_cluster(doc, "paused", "press Ctrl-C in that `ptutils run` to pause it")
         lease = doc.get("lease") or {}
         held = f" (its chunk on {lease['worker']} is discarded)" if lease.get("worker") else ""
@@ -84,8 +84,9 @@ def resume(store: Store, ref: str, app: Celery) -> dict[str, Any]:
         if status == str(SessionStatus.PAUSED):
             return
         if status in REQUEUABLE:
-            raise ActionRefused(f"{_named(doc)} is {status}, not paused: `ptutils requeue "
-                                f"{doc['name']}` runs it again from its last checkpoint")
+            raise ActionRefused(f"{_named(doc)} is {status}, not paused: "
+                                f"{_command(store, doc, 'requeue')} runs it again from its "
+                                "last checkpoint")
         raise ActionRefused(f"{_named(doc)} is {status}, not paused: nothing to resume")
 
     return _send_again(store, ref, app, check, "resumed")
@@ -102,7 +103,7 @@ def requeue(store: Store, ref: str, app: Celery) -> dict[str, Any]:
         if status in REQUEUABLE:
             return
         if status == str(SessionStatus.PAUSED):
-            raise ActionRefused(f"{_named(doc)} is paused: `ptutils resume {doc['name']}` "
+            raise ActionRefused(f"{_named(doc)} is paused: {_command(store, doc, 'resume')} "
                                 "continues it")
         if status == str(SessionStatus.COMPLETED):
             raise ActionRefused(f"{_named(doc)} is completed: nothing to run again")
@@ -126,8 +127,7 @@ def _send_again(store: Store, ref: str, app: Celery,
     the plan says comes next; undone if a send fails."""
     doc = store.get_session(ref)
     check(doc)
-    _require_cluster(doc, verb, f"continue it with `ptutils run --resume {doc['name']} "
-                                f"--store {store.url}`")
+    _require_cluster(doc, verb, f"continue it with {_command(store, doc, 'resume')}")
     check_broker(app)
     for _ in range(ATTEMPTS):
         now = store.now()
@@ -168,10 +168,18 @@ def _require_cluster(doc: dict[str, Any], verb: str, instead: str) -> None:
                             f"the cluster, so it cannot be {verb} here: {instead}")
 
 
-def _requeue_hint(doc: dict[str, Any]) -> str:
+def _requeue_hint(store: Store, doc: dict[str, Any]) -> str:
     if str(doc["status"]) in REQUEUABLE:
-        return f" (`ptutils requeue {doc['name']}` runs it again from its last checkpoint)"
+        return f" ({_command(store, doc, 'requeue')} runs it again from its last checkpoint)"
     return ""
+
+
+def _command(store: Store, doc: dict[str, Any], verb: str) -> str:
+    """The command that does `verb` (resume, requeue) to the session: `ptutils VERB NAME`
+    for a cluster session, `ptutils run --resume NAME` for one `ptutils run` started."""
+    if (doc.get("meta") or {}).get("queue"):
+        return f"`ptutils {verb} {doc['name']}`"
+    return f"`ptutils run --resume {doc['name']} --store {store.url}`"
 
 
 def _named(doc: dict[str, Any]) -> str:
