@@ -9,8 +9,10 @@ not apply (finished, unknown, `ptutils run` sessions, a dead broker) and says wh
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import urllib.error
 from typing import Any
 
 import pytest
@@ -169,9 +171,12 @@ def test_requeue_resume_pause_refuse_what_does_not_apply_and_say_why(
 
 
 
-def test_sessions_table_pauses_the_ticked_sessions_and_shows_each_refusal(tmp_path):
+def test_sessions_table_pauses_the_ticked_sessions_and_shows_each_refusal(tmp_path,
+                                                                         monkeypatch):
     """The dashboard's table (headless Chromium, a local store): "pause" on the ticked
-    sessions pauses the cluster one and says why the finished one is refused."""
+    sessions pauses the cluster one and says why the finished one is refused; a resume
+    through a dead broker is a 503 that names it (without its password)."""
+    monkeypatch.setenv("PTUTILS_BROKER", DEAD_BROKER)
     from selenium.webdriver.common.by import By
 
     from tests.ui_browser import UiServer, chromium, click, screenshot, wait_render, wait_until
@@ -198,6 +203,12 @@ def test_sessions_table_pauses_the_ticked_sessions_and_shows_each_refusal(tmp_pa
         assert "cl-queued: paused" in result.text
         assert "'done' is completed: only a queued or running session" in result.text
         screenshot(browser, "sessions-actions")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            server.api(f"/api/sessions/{queued['_id']}/resume", method="POST",
+                       headers={"X-Ptutils-Action": "1"})
+        assert refused.value.code == 503
+        message = json.loads(refused.value.read())["error"]
+        assert "127.0.0.1:1" in message and "s3cret" not in message
     finally:
         browser.quit()
         server.stop()
