@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from orchestrator.cluster_cli import broker_option
 from orchestrator.trust import allow_imports_option
 from ptutils.errors import (
     BrokerUnavailable,
@@ -352,19 +353,42 @@ def stats(sessions: tuple[str, ...], names: tuple[str, ...], phase: str | None,
 
 @main.command()
 @store_option
+@broker_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; beyond localhost, actions need the printed token.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @handle_errors
-def ui(store_url: str | None, host: str, port: int) -> None:
-    """A web dashboard of the store's sessions: tables, curves, live updates, cancel."""
-    from orchestrator.status import cancel, display_state, session_row
+def ui(store_url: str | None, broker_url: str | None, host: str, port: int) -> None:
+    """A web dashboard of the store's sessions: tables, curves, live updates, actions.
+
+    \b
+    Actions on a session page: cancel, pause (no broker needed), resume and requeue
+    (sent to the workers through --broker, as `ptutils resume|requeue` do). Beyond
+    localhost (--host 0.0.0.0) they need the token printed at start-up.
+    """
+    from orchestrator.status import display_state, session_row
     from ptutils.ui.app import serve
     from ptutils.ui.data import Hooks
 
     store = open_store_or_fail(store_url, create=False)
     serve(store, store_arg=store.url, host=host, port=port,
-          hooks=Hooks(row=session_row, state=display_state, actions={"cancel": cancel}))
+          hooks=Hooks(row=session_row, state=display_state, actions=ui_actions(broker_url)))
+
+
+def ui_actions(broker_url: str | None) -> dict[str, Callable[[Any, str], dict[str, Any]]]:
+    """The dashboard's actions; the Celery app (for resume, requeue) is made on first use."""
+    from orchestrator.actions import pause, requeue, resume
+    from orchestrator.status import cancel
+
+    @functools.cache
+    def app() -> Any:
+        from workers.app import make_app
+
+        return make_app(broker_url)
+
+    return {"cancel": cancel, "pause": pause,
+            "resume": lambda store, ref: resume(store, ref, app()),
+            "requeue": lambda store, ref: requeue(store, ref, app())}
 
 
 from orchestrator import cluster_cli, export  # noqa: E402 - after `main`, which they extend

@@ -1,4 +1,5 @@
-"""Cluster commands of `ptutils`: worker, submit, status, watch, cancel, reconcile.
+"""Cluster commands of `ptutils`: worker, submit, status, watch, cancel, pause, resume,
+requeue, reconcile.
 
 Exit codes are those of orchestrator/cli.py: 0 success; 1 failed; 2 bad input (nothing
 was stored or queued); 3 the store or the broker could not be reached.
@@ -239,9 +240,10 @@ def status(sessions: tuple[str, ...], status_filter: str | None, name_prefix: st
     States: running (a worker holds its lease), queued, waiting (its next chunk
     waits for an Eval), preempted (stopped at a preemption checkpoint, continuation
     queued), lost (its worker's lease expired; reconcile requeues it), paused
-    (`ptutils run` stopped by Ctrl-C: `ptutils run --resume NAME`), completed, failed,
-    cancelled. --json has both `state` and the stored `status`; it prints one JSON
-    array, written as the rows are read (no summary line).
+    (`ptutils pause`: `ptutils resume NAME`; `ptutils run` stopped by Ctrl-C:
+    `ptutils run --resume NAME`), completed, failed, cancelled. --json has both
+    `state` and the stored `status`; it prints one JSON array, written as the rows are
+    read (no summary line).
     A folder --store that holds no store is not created: "no sessions".
     """
     from orchestrator.status import Listing, parse_since, session_row
@@ -360,6 +362,92 @@ def cancel(sessions: tuple[str, ...], store_url: str | None) -> None:
         click.echo(f"{doc['name']}: {doc['status']} (step {doc['step']}/{doc['total_steps']})")
 
 
+def _act_on_each(sessions: tuple[str, ...], action: Callable[[str], dict[str, Any]]) -> None:
+    """Run `action` on each session, printing its new state; a refused or unknown one is
+    reported and the others go on (exit 2 at the end: nothing was done to it)."""
+    from orchestrator.actions import ActionRefused
+    from ptutils.errors import SessionNotFound
+
+    refused = 0
+    for ref in sessions:
+        try:
+            doc = action(ref)
+        except (ActionRefused, SessionNotFound) as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            refused += 1
+            continue
+        click.echo(f"{doc['name']}: {doc['status']} (step {doc['step']}/{doc['total_steps']})")
+    if refused:
+        sys.exit(2)
+
+
+@click.command()
+@click.argument("sessions", nargs=-1, required=True)
+@store_option
+@handle_errors
+def pause(sessions: tuple[str, ...], store_url: str | None) -> None:
+    """Pause SESSIONS (names or ids) on the cluster; `ptutils resume` continues them.
+
+    \b
+    A queued or running session becomes paused: its queued messages are dropped by the
+    workers, and a running chunk stops at its worker's next lease renewal (within a
+    third of the lease TTL); the steps it made since its last checkpoint are discarded
+    and trained again on resume, from that checkpoint, so the run ends bit-identical to
+    one never paused. Nothing stored is lost. Reconcile leaves paused sessions alone.
+    A session that `ptutils run` runs is paused with Ctrl-C there instead.
+    Exit 2 if a session is unknown, finished or paused already (the others are paused).
+    """
+    from orchestrator.actions import pause as do_pause
+
+    store = open_store_or_fail(store_url, create=False)
+    _act_on_each(sessions, lambda ref: do_pause(store, ref))
+
+
+@click.command()
+@click.argument("sessions", nargs=-1, required=True)
+@store_option
+@broker_option
+@handle_errors
+def resume(sessions: tuple[str, ...], store_url: str | None, broker_url: str | None) -> None:
+    """Resume paused SESSIONS (names or ids): queued again and sent to the workers.
+
+    \b
+    Each continues from its last checkpoint on the route it was submitted with (its
+    train queue and priority); an Eval whose result was lost is sent again too.
+    A session paused under `ptutils run` is continued with `ptutils run --resume NAME`.
+    Exit 2 if a session is unknown or not paused (the others are resumed); exit 3 if
+    the broker cannot be reached (nothing is changed).
+    """
+    from orchestrator.actions import resume as do_resume
+
+    store = open_store_or_fail(store_url, create=False)
+    app = _app(broker_url)
+    _act_on_each(sessions, lambda ref: do_resume(store, ref, app))
+
+
+@click.command()
+@click.argument("sessions", nargs=-1, required=True)
+@store_option
+@broker_option
+@handle_errors
+def requeue(sessions: tuple[str, ...], store_url: str | None, broker_url: str | None) -> None:
+    """Run failed, cancelled or lost SESSIONS (names or ids) again on the cluster.
+
+    \b
+    Each goes on from its last verified checkpoint with fresh attempts (its error is
+    cleared), on the route it was submitted with. Lost: its worker's lease expired
+    (reconcile requeues those by itself, too). A paused session is resumed with
+    `ptutils resume`; one that `ptutils run` started, with `ptutils run --resume NAME`.
+    Exit 2 if a session is unknown, completed, paused, queued or running (the others
+    are requeued); exit 3 if the broker cannot be reached (nothing is changed).
+    """
+    from orchestrator.actions import requeue as do_requeue
+
+    store = open_store_or_fail(store_url, create=False)
+    app = _app(broker_url)
+    _act_on_each(sessions, lambda ref: do_requeue(store, ref, app))
+
+
 @click.command()
 @click.option("--every", default=None, type=click.FloatRange(0.1), metavar="SECONDS",
               help="Run forever, a pass every SECONDS (default: one pass).")
@@ -426,7 +514,7 @@ def reconcile(every: float | None, stall_after: float | None, eval_stall_after: 
     reconcile_loop(store, app, every, on_pass=on_pass, **options)
 
 
-COMMANDS = (worker, submit, status, watch, cancel, reconcile)
+COMMANDS = (worker, submit, status, watch, cancel, pause, resume, requeue, reconcile)
 
 
 def register(group: click.Group) -> None:

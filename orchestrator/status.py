@@ -27,7 +27,8 @@ STATES = ("queued", "waiting", "preempted", "lost", "running", "paused", "comple
 is true now. `running`: a worker holds a live lease. With no live lease: `lost` (a lease
 expired: its worker died, reconcile requeues it), `waiting` (its next chunk waits for an
 Eval result), `preempted` (stopped at a preemption checkpoint, its continuation queued),
-else `queued`. `paused`: `ptutils run` was stopped on request (`run --resume` continues)."""
+else `queued`. `paused`: `ptutils pause` (`ptutils resume` continues it), or `ptutils run`
+stopped on request (`run --resume` continues)."""
 
 
 def display_state(store: Store, doc: dict[str, Any], now: float) -> tuple[str, int | None]:

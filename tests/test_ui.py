@@ -225,9 +225,11 @@ def test_actions_beyond_localhost_need_the_printed_token(local_runs, tmp_path):
 
 
 def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
-        browser, tmp_path, store_uri, redis_db, workers):
+        browser, tmp_path, store_uri, redis_db, workers, monkeypatch):
     """nx-27017 + redis + a real `ptutils worker`: the page gets new points without a
-    reload, and its cancel button (no token: localhost) stops the run on the worker."""
+    reload; its pause and resume buttons (no token: localhost) stop the run on the worker
+    and send it back; its cancel button stops it for good."""
+    monkeypatch.setenv("PTUTILS_BROKER", redis_db)  # `ptutils ui` resumes through it
     worker = workers("w1", redis_db, store_uri, step_seconds=0.1)
     with open_store(store_uri) as store:
         [sid] = cluster.submit_configs(store, redis_db, tmp_path / "cfg", 1, name="live",
@@ -257,6 +259,19 @@ def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
 
             browser.get(f"{server.url}/session/{sid}")
             wait_render(browser, 0)
+            wait_until(lambda: browser.find_element(By.ID, "pause").is_displayed(), 30,
+                       "the pause button of the running session")
+            click(browser, "#pause")
+            wait_until(lambda: browser.find_element(By.ID, "state").text == "paused", 30,
+                       "the page to show the session paused")
+            assert store.get_session(sid)["lease"] is None
+            screenshot(browser, "session-paused")
+            wait_until(lambda: browser.find_element(By.ID, "resume").is_displayed(), 10,
+                       "the resume button of the paused session")
+            click(browser, "#resume")
+            wait_until(lambda: browser.find_element(By.ID, "state").text == "running", 60,
+                       "the resumed session to run on the worker again")
+            dropped = worker.log.count(f"of {sid[:8]}: no-op")  # the paused chunk's, by now
             wait_until(lambda: browser.find_element(By.ID, "cancel").is_displayed(), 30,
                        "the cancel button (offered on localhost without a token)")
             click(browser, "#cancel")
@@ -267,7 +282,7 @@ def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
             stopped_at = doc["step"]
             assert stopped_at < 400
             # The chunk running then is fenced out (its work discarded), none follows.
-            wait_until(lambda: f"of {sid[:8]}: no-op" in worker.log, 60,
+            wait_until(lambda: worker.log.count(f"of {sid[:8]}: no-op") > dropped, 60,
                        "the worker to drop the running chunk", interval=0.2)
             after = store.get_session(sid)
             assert (after["status"], after["step"]) == ("cancelled", stopped_at)

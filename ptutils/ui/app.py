@@ -3,11 +3,13 @@
 Pages are static HTML + vendored JavaScript (static/, no CDN, no build step) that read
 the JSON API below; every store access goes through ptutils.ui.data.
 
-Actions (cancel, ...) need no token when the server listens on localhost only. Bound
-beyond it, a random token is printed at start-up (as Jupyter does) and each action must
-carry it, in the `X-Ptutils-Token` header or the `ptutils_token` cookie (opening a page
-with `?token=...` sets the cookie); otherwise 403. Every action must also carry the
-`X-Ptutils-Action` header, which a cross-site form cannot send.
+Actions (cancel, pause, resume, requeue: whichever the caller lends through `Hooks`;
+409 with the reason when the session's state refuses one, 503 when the broker is down)
+need no token when the server listens on localhost only. Bound beyond it, a random
+token is printed at start-up (as Jupyter does) and each action must carry it, in the
+`X-Ptutils-Token` header or the `ptutils_token` cookie (opening a page with `?token=...`
+sets the cookie); otherwise 403. Every action must also carry the `X-Ptutils-Action`
+header, which a cross-site form cannot send.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ptutils.errors import SessionNotFound
+from ptutils.errors import BrokerUnavailable, PtutilsError, SessionNotFound
 from ptutils.store.base import Store
 from ptutils.ui import data
 from ptutils.ui.data import BadRequest, CurveCache, Hooks
@@ -104,7 +106,15 @@ def create_app(store: Store, *, store_arg: str, token: str | None,
                 return _refuse("this server listens beyond localhost: an action needs the "
                                "token printed at its start-up (open the printed link, or "
                                f"send it in the {TOKEN_HEADER} header)")
-        row = data.act(store, request.path_params["ref"], request.path_params["action"], hooks)
+        try:
+            row = data.act(store, request.path_params["ref"], request.path_params["action"],
+                           hooks)
+        except (BadRequest, SessionNotFound):
+            raise
+        except BrokerUnavailable as exc:  # resume, requeue: nothing was changed
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        except PtutilsError as exc:  # refused (a finished session, ...): the message says why
+            return JSONResponse({"error": str(exc)}, status_code=409)
         return JSONResponse({"row": row})
 
     routes = [

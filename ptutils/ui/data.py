@@ -376,7 +376,8 @@ def workers(store: Store) -> list[dict[str, Any]]:
 
 
 def act(store: Store, ref: str, action: str, hooks: Hooks) -> dict[str, Any]:
-    """Run one of the lent actions (cancel, ...) on a session; the new row."""
+    """Run one of the lent actions (cancel, pause, resume, requeue) on a session; the new
+    row. The action's own errors (a refusal, a broker down) go to the caller."""
     if action not in hooks.actions:
         raise BadRequest(f"action {action!r}: this server offers "
                          f"{', '.join(sorted(hooks.actions)) or 'none'}")

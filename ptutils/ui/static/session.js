@@ -60,7 +60,8 @@ function showDetail(d) {
   el("step").textContent = `${r.step}/${r.total_steps}`;
   el("worker").textContent = r.worker || "-";
   el("attempts").textContent = d.attempts ?? 0;
-  el("cancel").hidden = !actions.includes("cancel") || FINISHED.includes(r.status);
+  for (const [name, shown] of Object.entries(offered(r)))
+    el(name).hidden = !actions.includes(name) || !shown;
   el("commands").textContent = Object.values(d.commands).join("\n");
   el("config").textContent = d.config_yaml;
   const err = d.error;
@@ -93,13 +94,22 @@ async function refresh() {
 el("series").onchange = () => { plotLog = null; loadCurve().catch(ui.showError); };
 el("smooth").oninput = draw;
 el("log").onchange = draw;
-el("cancel").onclick = async () => {
-  try {
-    const body = await ui.post(api + "/cancel");
-    el("action-result").textContent = "now " + body.row.status;
-    await refresh();
-  } catch (err) { el("action-result").textContent = String(err.message || err); }
-};
+// Which action buttons a session shows, by its stored status (and `lost`: a dead lease).
+function offered(r) {
+  const active = r.status === "queued" || r.status === "running";
+  return {cancel: !FINISHED.includes(r.status), pause: active, resume: r.status === "paused",
+          requeue: r.status === "failed" || r.status === "cancelled" || r.state === "lost"};
+}
+for (const name of ["cancel", "pause", "resume", "requeue"]) {
+  el(name).onclick = async () => {
+    el("action-result").textContent = name + "...";
+    try {
+      const body = await ui.post(api + "/" + name);
+      el("action-result").textContent = "now " + body.row.status;
+      await refresh();
+    } catch (err) { el("action-result").textContent = String(err.message || err); }
+  };
+}
 
 async function poll() {
   await refresh();

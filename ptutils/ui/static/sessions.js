@@ -53,7 +53,27 @@ document.querySelector("#sessions tbody").addEventListener("change", ev => {
   if (!ev.target.classList.contains("pick")) return;
   if (ev.target.checked) chosen.add(ev.target.value); else chosen.delete(ev.target.value);
   document.getElementById("compare").disabled = chosen.size < 1;
+  for (const b of bulkButtons) b.disabled = chosen.size < 1;
 });
+
+// Actions on the ticked sessions, one request each; the server says why it refuses one.
+const bulkButtons = document.querySelectorAll("#bulk button");
+for (const b of bulkButtons) {
+  b.onclick = async () => {
+    const out = document.getElementById("bulk-result");
+    const ids = [...chosen], done = [], refused = [];
+    out.textContent = b.dataset.action + "...";
+    for (const id of ids) {
+      try {
+        const body = await ui.post(`/api/sessions/${encodeURIComponent(id)}/${b.dataset.action}`);
+        done.push(`${body.row.name}: ${body.row.status}`);
+      } catch (err) { refused.push(String(err.message || err)); }
+    }
+    out.textContent = [...done, ...refused].join("; ");
+    out.className = refused.length ? "error" : "";
+    load();
+  };
+}
 document.getElementById("compare").onclick = () => {
   location.href = "/compare?ids=" + [...chosen].map(encodeURIComponent).join(",");
 };
@@ -72,6 +92,9 @@ for (const th of document.querySelectorAll("th.sort")) {
     state.page = 1; load();
   };
 }
-ui.get("/api/info").then(i => { document.getElementById("store").textContent = i.store; });
+ui.get("/api/info").then(i => {
+  document.getElementById("store").textContent = i.store;
+  for (const b of bulkButtons) b.hidden = !i.actions.includes(b.dataset.action);
+});
 load();
 setInterval(() => { if (!document.hidden) load(); }, 3000);
