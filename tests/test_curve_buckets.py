@@ -31,8 +31,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         yield request.getfixturevalue("mongo_store")
 
 
-def reference(store: Store, sid: str, phase: str, name: str, buckets: int,
-              start: int | None = None, end: int | None = None) -> curves.Curve:
+def reference(
+    store: Store,
+    sid: str,
+    phase: str,
+    name: str,
+    buckets: int,
+    start: int | None = None,
+    end: int | None = None,
+) -> curves.Curve:
     """The curve from every raw point of the range (the generic fallback)."""
     points = store.query_statistics(sid, phase=phase, name=name, step_min=start, step_max=end)
     return curves.from_points(points, buckets)
@@ -57,11 +64,22 @@ def series(rng: np.random.Generator, steps: np.ndarray, ties: bool) -> np.ndarra
     return values
 
 
-def write(store: Store, sid: str, steps: np.ndarray, values: np.ndarray, name: str = "loss",
-          batch: int = 20_000) -> None:
+def write(
+    store: Store,
+    sid: str,
+    steps: np.ndarray,
+    values: np.ndarray,
+    name: str = "loss",
+    batch: int = 20_000,
+) -> None:
     for i in range(0, steps.size, batch):
-        store.write_statistics(sid, [StatPoint("train", int(s), name, float(v))
-                                     for s, v in zip(steps[i:i + batch], values[i:i + batch])])
+        store.write_statistics(
+            sid,
+            [
+                StatPoint("train", int(s), name, float(v))
+                for s, v in zip(steps[i : i + batch], values[i : i + batch])
+            ],
+        )
 
 
 def test_a_million_points_wide_and_zoomed_keep_every_spike(store):
@@ -84,11 +102,19 @@ def test_a_million_points_wide_and_zoomed_keep_every_spike(store):
     assert store.statistic_buckets(sid, "eval", "loss", 10).steps == [5]
 
 
-@settings(max_examples=12, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), size=st.sampled_from([30, 3000, 80_000]),
-       gap=st.sampled_from([1, 3, 40]), ties=st.booleans(), buckets=st.sampled_from([1, 7, 400]),
-       rollback=st.booleans())
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.sampled_from([30, 3000, 80_000]),
+    gap=st.sampled_from([1, 3, 40]),
+    ties=st.booleans(),
+    buckets=st.sampled_from([1, 7, 400]),
+    rollback=st.booleans(),
+)
 def test_any_series_equals_the_numpy_reference(store, seed, size, gap, ties, buckets, rollback):
     rng = np.random.default_rng(seed)
     sid = session(store, f"run-{seed}-{size}-{gap}-{ties}-{buckets}-{rollback}")
@@ -102,11 +128,18 @@ def test_any_series_equals_the_numpy_reference(store, seed, size, gap, ties, buc
         write(store, sid, again, series(rng, again, ties))
     write(store, sid, steps[::7], series(rng, steps[::7], ties))  # overwritten points
     lo, hi = int(steps[0]), int(steps[-1])
-    ranges = [(None, None), (lo + (hi - lo) // 3, None), (None, lo + (hi - lo) // 5),
-              (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))), (hi + 1, None)]
+    ranges = [
+        (None, None),
+        (lo + (hi - lo) // 3, None),
+        (None, lo + (hi - lo) // 5),
+        (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))),
+        (hi + 1, None),
+    ]
     for start, end in ranges:
-        same(store.statistic_buckets(sid, "train", "loss", buckets, start=start, end=end),
-             reference(store, sid, "train", "loss", buckets, start, end))
+        same(
+            store.statistic_buckets(sid, "train", "loss", buckets, start=start, end=end),
+            reference(store, sid, "train", "loss", buckets, start, end),
+        )
 
 
 def test_an_empty_or_missing_series_and_bad_arguments(store):
@@ -141,9 +174,13 @@ def test_concurrent_writers_of_the_same_buckets_and_a_reader(store):
             steps = np.arange(1 + k, n_writers * per + 1, n_writers)
             values = np.cos(steps / 300.0) + k
             for i in range(0, steps.size, 500):
-                store.write_statistics(sid, [StatPoint("train", int(s), "loss", float(v))
-                                             for s, v in zip(steps[i:i + 500],
-                                                             values[i:i + 500])])
+                store.write_statistics(
+                    sid,
+                    [
+                        StatPoint("train", int(s), "loss", float(v))
+                        for s, v in zip(steps[i : i + 500], values[i : i + 500])
+                    ],
+                )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -189,5 +226,7 @@ def test_a_mongo_series_written_before_summaries_is_read_from_its_points(mongo_s
     sid = session(mongo_store)
     write(mongo_store, sid, np.arange(1, 3001), np.linspace(5, 1, 3000))
     mongo_store.db["statistic_grains"].delete_many({})  # as an older ptutils left it
-    same(mongo_store.statistic_buckets(sid, "train", "loss", 100),
-         reference(mongo_store, sid, "train", "loss", 100))
+    same(
+        mongo_store.statistic_buckets(sid, "train", "loss", 100),
+        reference(mongo_store, sid, "train", "loss", 100),
+    )

@@ -124,8 +124,9 @@ def _first_true(mask: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
     return idx[first]
 
 
-def downsample(steps: np.ndarray, values: np.ndarray, buckets: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def downsample(
+    steps: np.ndarray, values: np.ndarray, buckets: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The finite points kept of a series (steps ascending, values finite) by `plan`."""
     found = plan(int(steps[0]), int(steps[-1]), steps.size, buckets) if steps.size else None
     return (steps, values) if found is None else select(steps, values, found)
@@ -138,7 +139,9 @@ def from_arrays(steps: np.ndarray, values: np.ndarray, buckets: int) -> Curve:
     found = plan(int(kept[0]), int(kept[-1]), kept.size, buckets) if kept.size else None
     xs, ys = (kept, kept_values) if found is None else select(kept, kept_values, found)
     return Curve(
-        steps=[int(s) for s in xs], values=[float(v) for v in ys], points=int(steps.size),
+        steps=[int(s) for s in xs],
+        values=[float(v) for v in ys],
+        points=int(steps.size),
         first=int(steps[0]) if steps.size else None,
         last=int(steps[-1]) if steps.size else None,
         nonfinite=[int(s) for s in steps[~finite][:NONFINITE_SHOWN]],
@@ -180,18 +183,27 @@ def grain_of(steps: np.ndarray, values: np.ndarray, grain: int) -> Grain:
     low = high = None
     if fs.size:
         low, high = int(np.argmin(fv)), int(np.argmax(fv))  # the first of equal ones
-    return Grain(grain, int(steps.size), int(fs.size), int(steps[0]), int(steps[-1]),
-                 int(fs[0]) if fs.size else None, int(fs[-1]) if fs.size else None,
-                 None if low is None else float(fv[low]), None if low is None else int(fs[low]),
-                 None if high is None else float(fv[high]),
-                 None if high is None else int(fs[high]))
+    return Grain(
+        grain,
+        int(steps.size),
+        int(fs.size),
+        int(steps[0]),
+        int(steps[-1]),
+        int(fs[0]) if fs.size else None,
+        int(fs[-1]) if fs.size else None,
+        None if low is None else float(fv[low]),
+        None if low is None else int(fs[low]),
+        None if high is None else float(fv[high]),
+        None if high is None else int(fs[high]),
+    )
 
 
 Raw = Any  # (start, end) -> (steps, values): every point in [start, end], by step
 
 
-def assemble(grains: list[Grain], raw: Raw, buckets: int, start: int | None,
-             end: int | None) -> Curve:
+def assemble(
+    grains: list[Grain], raw: Raw, buckets: int, start: int | None, end: int | None
+) -> Curve:
     """The curve of a range from the summaries of its grains (ascending) and raw points
     where needed: the grains the range cuts, a narrow span, few points, NaN steps."""
     low = _MIN if start is None else start
@@ -206,10 +218,8 @@ def assemble(grains: list[Grain], raw: Raw, buckets: int, start: int | None,
     finite = int(ok.sum()) + sum(g.finite for g in inner)
     firsts = [int(s) for s in steps[:1]] + [g.first for g in inner]
     lasts = [int(s) for s in steps[-1:]] + [g.last for g in inner]
-    ffirst = min([int(s) for s in steps[ok][:1]] + [g.ffirst for g in inner if g.finite],
-                 default=0)
-    flast = max([int(s) for s in steps[ok][-1:]] + [g.flast for g in inner if g.finite],
-                default=0)
+    ffirst = min([int(s) for s in steps[ok][:1]] + [g.ffirst for g in inner if g.finite], default=0)
+    flast = max([int(s) for s in steps[ok][-1:]] + [g.flast for g in inner if g.finite], default=0)
     found = plan(ffirst, flast, finite, buckets) if finite else None
     if found is None or not found.aligned:
         if finite:
@@ -221,8 +231,11 @@ def assemble(grains: list[Grain], raw: Raw, buckets: int, start: int | None,
         cand += [(g.high_step, g.high) for g in inner if g.finite]
         cand += zip(steps[ok].tolist(), values[ok].tolist())
         cand = sorted(set(cand))
-        xs, ys = select(np.array([s for s, _ in cand], np.int64),
-                        np.array([v for _, v in cand], np.float64), found)
+        xs, ys = select(
+            np.array([s for s, _ in cand], np.int64),
+            np.array([v for _, v in cand], np.float64),
+            found,
+        )
     nonfinite: list[int] = []
     for g in grains:
         if len(nonfinite) >= NONFINITE_SHOWN:
@@ -230,10 +243,15 @@ def assemble(grains: list[Grain], raw: Raw, buckets: int, start: int | None,
         if g.n > g.finite:
             s, v = raw(max(low, g.grain * GRAIN), min(high, (g.grain + 1) * GRAIN - 1))
             nonfinite += [int(x) for x in s[~np.isfinite(v)]]
-    return Curve(steps=[int(s) for s in xs], values=[float(v) for v in ys], points=count,
-                 first=min(firsts, default=None), last=max(lasts, default=None),
-                 nonfinite=nonfinite[:NONFINITE_SHOWN],
-                 bucket_steps=None if found is None else found.divisor / found.scale)
+    return Curve(
+        steps=[int(s) for s in xs],
+        values=[float(v) for v in ys],
+        points=count,
+        first=min(firsts, default=None),
+        last=max(lasts, default=None),
+        nonfinite=nonfinite[:NONFINITE_SHOWN],
+        bucket_steps=None if found is None else found.divisor / found.scale,
+    )
 
 
 _MIN, _MAX = -(2**63), 2**63 - 1

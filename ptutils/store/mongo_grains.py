@@ -41,14 +41,16 @@ def series_id(session: str, phase: str, name: str) -> str:
     return doc_key(session, phase, name)
 
 
-def bucket_points(doc: Doc, low: int | None = None, high: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def bucket_points(
+    doc: Doc, low: int | None = None, high: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A bucket document's points (in [low, high] if given) as ascending arrays."""
-    pairs = sorted((int(k), float(decode_number(v[0])))
-                   for k, v in (doc.get("points") or {}).items()
-                   if (low is None or int(k) >= low) and (high is None or int(k) <= high))
-    return (np.array([s for s, _ in pairs], np.int64),
-            np.array([v for _, v in pairs], np.float64))
+    pairs = sorted(
+        (int(k), float(decode_number(v[0])))
+        for k, v in (doc.get("points") or {}).items()
+        if (low is None or int(k) >= low) and (high is None or int(k) <= high)
+    )
+    return (np.array([s for s, _ in pairs], np.int64), np.array([v for _, v in pairs], np.float64))
 
 
 class GrainSummaries:
@@ -68,11 +70,21 @@ class GrainSummaries:
         for doc in buckets:
             steps, values = bucket_points(doc)
             g = curves.grain_of(steps, values, int(doc["bucket"])) if steps.size else None
-            fields = {"session": doc["session"], "phase": doc["phase"], "name": doc["name"],
-                      "grain": int(doc["bucket"]), "rev": int(doc.get("rev") or 0),
-                      **(_fields(g) if g else {"n": 0, "finite": 0, "first": 0, "last": 0})}
-            ops.append(UpdateOne({"_id": doc["_id"], "rev": {"$lt": fields["rev"]}},
-                                 {"$set": fields}, upsert=True))
+            fields = {
+                "session": doc["session"],
+                "phase": doc["phase"],
+                "name": doc["name"],
+                "grain": int(doc["bucket"]),
+                "rev": int(doc.get("rev") or 0),
+                **(_fields(g) if g else {"n": 0, "finite": 0, "first": 0, "last": 0}),
+            }
+            ops.append(
+                UpdateOne(
+                    {"_id": doc["_id"], "rev": {"$lt": fields["rev"]}},
+                    {"$set": fields},
+                    upsert=True,
+                )
+            )
         if ops:
             self._retry("summarizing statistics", lambda _: self._newer_wins(ops))
 
@@ -80,56 +92,89 @@ class GrainSummaries:
         try:
             self._coll.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:  # a newer summary is there: it stays
-            if any(e.get("code") not in DUPLICATE_CODES
-                   for e in exc.details.get("writeErrors", [])):
+            if any(
+                e.get("code") not in DUPLICATE_CODES for e in exc.details.get("writeErrors", [])
+            ):
                 raise
 
-    def series_ops(self, session: str, spans: dict[tuple[str, str], tuple[int, int]]
-                   ) -> list[UpdateOne]:
+    def series_ops(
+        self, session: str, spans: dict[tuple[str, str], tuple[int, int]]
+    ) -> list[UpdateOne]:
         """Widen each series' first/last step to a batch's."""
-        return [UpdateOne({"_id": series_id(session, phase, name)},
-                          {"$min": {"first": lo}, "$max": {"last": hi},
-                           "$setOnInsert": {"session": session, "phase": phase,
-                                            "name": name, "grain": -1}}, upsert=True)
-                for (phase, name), (lo, hi) in spans.items()]
+        return [
+            UpdateOne(
+                {"_id": series_id(session, phase, name)},
+                {
+                    "$min": {"first": lo},
+                    "$max": {"last": hi},
+                    "$setOnInsert": {"session": session, "phase": phase, "name": name, "grain": -1},
+                },
+                upsert=True,
+            )
+            for (phase, name), (lo, hi) in spans.items()
+        ]
 
     def delete_after(self, session: str, later_ids: list[str], after_step: int) -> None:
-        ops: list[Any] = [DeleteMany({"_id": {"$in": later_ids[i:i + IDS_PER_QUERY]}})
-                          for i in range(0, len(later_ids), IDS_PER_QUERY)]
+        ops: list[Any] = [
+            DeleteMany({"_id": {"$in": later_ids[i : i + IDS_PER_QUERY]}})
+            for i in range(0, len(later_ids), IDS_PER_QUERY)
+        ]
         self._retry("trimming statistic summaries", lambda _: ops and self._coll.bulk_write(ops))
-        self._retry("trimming statistic series", lambda _: self._coll.update_many(
-            {"session": session, "grain": -1}, {"$min": {"last": int(after_step)}}))
+        self._retry(
+            "trimming statistic series",
+            lambda _: self._coll.update_many(
+                {"session": session, "grain": -1}, {"$min": {"last": int(after_step)}}
+            ),
+        )
 
     def delete_session(self, session: str) -> None:
-        self._retry("deleting statistic summaries",
-                    lambda _: self._coll.delete_many({"session": session}))
+        self._retry(
+            "deleting statistic summaries", lambda _: self._coll.delete_many({"session": session})
+        )
 
-    def grains(self, session: str, phase: str, name: str, start: int | None,
-               end: int | None) -> list[curves.Grain] | None:
+    def grains(
+        self, session: str, phase: str, name: str, start: int | None, end: int | None
+    ) -> list[curves.Grain] | None:
         """The summaries of a series' grains in a range, by grain; None if the series
         has no series document (written before summaries: read its points)."""
-        series = self._retry("reading a statistic series", lambda _: self._coll.find_one(
-            {"_id": series_id(session, phase, name)}))
+        series = self._retry(
+            "reading a statistic series",
+            lambda _: self._coll.find_one({"_id": series_id(session, phase, name)}),
+        )
         if series is None:
             return None
         low = max(int(series["first"]), start if start is not None else int(series["first"]))
         high = min(int(series["last"]), end if end is not None else int(series["last"]))
-        ids = [doc_key(session, phase, name, g)
-               for g in range(low // curves.GRAIN, high // curves.GRAIN + 1)]
+        ids = [
+            doc_key(session, phase, name, g)
+            for g in range(low // curves.GRAIN, high // curves.GRAIN + 1)
+        ]
         docs = self.by_ids(self._coll, ids)
         return sorted((_grain(d) for d in docs if d.get("n")), key=lambda g: g.grain)
 
     def by_ids(self, coll: Collection[Doc], ids: list[str]) -> list[Doc]:
         out: list[Doc] = []
         for i in range(0, len(ids), IDS_PER_QUERY):
-            part = ids[i:i + IDS_PER_QUERY]
-            out += self._retry("reading statistics", lambda _, p=part: list(
-                coll.find({"_id": {"$in": p}})))
+            part = ids[i : i + IDS_PER_QUERY]
+            out += self._retry(
+                "reading statistics", lambda _, p=part: list(coll.find({"_id": {"$in": p}}))
+            )
         return out
 
 
-_GRAIN_FIELDS = ("grain", "n", "finite", "first", "last", "ffirst", "flast", "low", "low_step",
-                 "high", "high_step")
+_GRAIN_FIELDS = (
+    "grain",
+    "n",
+    "finite",
+    "first",
+    "last",
+    "ffirst",
+    "flast",
+    "low",
+    "low_step",
+    "high",
+    "high_step",
+)
 
 
 def _fields(g: curves.Grain) -> Doc:
