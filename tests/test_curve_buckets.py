@@ -154,6 +154,21 @@ def test_an_empty_or_missing_series_and_bad_arguments(store):
             store.statistic_buckets(sid, "train", "loss", **bad)
 
 
+def test_the_series_of_a_session_as_written_and_rolled_back(store):
+    sid, other = session(store), session(store, "other")
+    store.write_statistics(other, [StatPoint("train", 1, "other", 1.0)])
+    store.write_statistics(
+        sid, [StatPoint("train", s, n, 1.0) for s in range(1, 21) for n in ("loss", "lr")]
+    )
+    store.write_statistics(sid, [StatPoint("eval", 10, "acc", 0.5)])
+    assert store.statistic_series(sid) == [("eval", "acc"), ("train", "loss"), ("train", "lr")]
+    store.delete_statistics(sid, after_step=5)
+    assert store.statistic_series(sid) == [("train", "loss"), ("train", "lr")]
+    store.delete_session(sid)
+    assert store.statistic_series(sid) == []
+    assert store.statistic_series(other) == [("train", "other")]
+
+
 def test_a_deleted_session_leaves_no_curve(store):
     sid = session(store)
     write(store, sid, np.arange(1, 5001), np.linspace(0, 1, 5000))

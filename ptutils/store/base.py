@@ -535,6 +535,13 @@ class Store(abc.ABC):
                                        step_min=start, step_max=end)
         return from_points(points, buckets)
 
+    def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
+        """(phase, name) of every statistic the session has, sorted.
+
+        This fallback reads every point; backends read their per-series summaries.
+        """
+        return sorted({(p["phase"], p["name"]) for p in self.query_statistics(session_id)})
+
     # --- documents (search state and other small records) ---------------------------
     @abc.abstractmethod
     def get_document(self, kind: str, key: str) -> dict[str, Any] | None:

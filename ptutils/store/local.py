@@ -597,6 +597,13 @@ class LocalStore(Store):
 
             return curves.assemble([curves.Grain(*r) for r in rows], raw, buckets, start, end)
 
+    def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
+        """From the grain summaries (their key's prefix), not the points."""
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT DISTINCT phase, name FROM statistic_grains "
+                                "WHERE session = ? ORDER BY phase, name", (session_id,))
+            return [(str(p), str(n)) for p, n in rows]
+
 
 _STEP_MAX = 2**63 - 1
 """The last step of an unbounded range (SQLite's integers)."""

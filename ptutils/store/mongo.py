@@ -715,3 +715,7 @@ class MongoStore(Store):
             return super().statistic_buckets(session_id, phase, name, buckets,
                                               start=start, end=end)
         return found
+
+    def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
+        found = self._stats.grains.series(session_id)
+        return super().statistic_series(session_id) if found is None else found

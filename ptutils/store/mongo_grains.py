@@ -132,6 +132,17 @@ class GrainSummaries:
             "deleting statistic summaries", lambda _: self._coll.delete_many({"session": session})
         )
 
+    def series(self, session: str) -> list[tuple[str, str]] | None:
+        """(phase, name) of the session's series documents, sorted; None when it has none
+        (no statistics, or written before summaries)."""
+        docs = self._retry(
+            "listing statistic series",
+            lambda _: list(self._coll.find({"session": session, "grain": -1})),
+        )
+        if not docs:
+            return None
+        return sorted((d["phase"], d["name"]) for d in docs if d["first"] <= d["last"])
+
     def grains(
         self, session: str, phase: str, name: str, start: int | None, end: int | None
     ) -> list[curves.Grain] | None:

@@ -210,12 +210,9 @@ def session_detail(store: Store, ref: str, hooks: Hooks, store_arg: str) -> dict
 
 
 def series_names(store: Store, doc: dict[str, Any]) -> list[str]:
-    """`phase/name` of the curves a session has: train names seen at its last logged
-    steps, eval names at any step (eval points are few)."""
-    sid, step = doc["_id"], int(doc["step"])
-    recent = store.query_statistics(sid, phase="train", step_min=max(0, step - 64))
-    names = {f"train/{p['name']}" for p in recent}
-    names |= {f"eval/{p['name']}" for p in store.query_statistics(sid, phase="eval")}
+    """`phase/name` of the curves a session has (from the store's per-series summaries),
+    train/loss first."""
+    names = {f"{phase}/{name}" for phase, name in store.statistic_series(doc["_id"])}
     return sorted(names, key=lambda n: (n != "train/loss", n))
 
 
