@@ -57,8 +57,7 @@ class GrainSummaries:
     """The `statistic_grains` collection."""
 
     def __init__(self, collection: Collection[Doc], retry: Retry) -> None:
-        self._coll = collection
-        self.collection = collection
+        self.collection = self._coll = collection
         self._retry = retry
 
     def create_indexes(self) -> None:

@@ -12,6 +12,8 @@ Writing a point again sets the same key: writes are idempotent on (session, phas
 step, name) and a replayed chunk never duplicates. Queries ask for the buckets that
 overlap the step range and filter the points here.
 Non-finite values are stored as strings (see `mongo_fields.encode_number`).
+Every write of a bucket also `$inc`s its `rev`, and the writer then stores the bucket's
+summary for curves in `statistic_grains` (mongo_grains.py).
 
 Both MongoDB and nx-27017 (checked) create the `points` sub-document on the first
 `$set` of `points.<step>`, treat the numeric key as a field name (not an array index,
@@ -95,7 +97,8 @@ class StatisticBuckets:
                 lo, hi = spans.get((phase, name), (min(steps), max(steps)))
                 spans[(phase, name)] = (min(lo, *steps), max(hi, *steps))
             ops = self.grains.series_ops(session_id, spans)
-            self._retry(f"writing statistics of {session_id}", lambda _: self._upsert(ops, self.grains.collection))
+            self._retry(f"writing statistics of {session_id}",
+                        lambda _: self._upsert(ops, self.grains.collection))
         return sum(len(fields) for fields in buckets.values())
 
     def _upsert(self, ops: list[UpdateOne], coll: Collection[Doc] | None = None) -> None:
@@ -131,8 +134,7 @@ class StatisticBuckets:
         docs = self._retry(
             f"reading statistics of {session_id}",
             lambda _: list(self._coll.find(
-                {"session": session_id, "bucket": {"$gte": first}},
-            {"bucket": 1, "points": 1, "session": 1, "phase": 1, "name": 1}
+                {"session": session_id, "bucket": {"$gte": first}}, {"bucket": 1, "points": 1}
             )),
         )  # fmt: skip
         later = [d for d in docs if d["bucket"] > first]
@@ -197,7 +199,6 @@ class StatisticBuckets:
         ]
         rows.sort(key=lambda r: (r["session"], r["step"], r["name"], r["phase"]))
         return rows
-
 
     def curve(self, session_id: str, phase: str, name: str, buckets: int,
               start: int | None, end: int | None) -> Curve | None:
