@@ -245,3 +245,18 @@ def test_a_mongo_series_written_before_summaries_is_read_from_its_points(mongo_s
         mongo_store.statistic_buckets(sid, "train", "loss", 100),
         reference(mongo_store, sid, "train", "loss", 100),
     )
+
+
+def test_a_long_sparse_mongo_range_is_read_through_the_index(mongo_store, monkeypatch):
+    """More grains than `MAX_ID_LOOKUP` between the first and last step: the summaries
+    come from a query on the index, not a list of `_id`s; the same curve."""
+    from ptutils.store import mongo_grains
+
+    sid = session(mongo_store)
+    steps = np.arange(0, 400 * curves.GRAIN, 37 * curves.GRAIN // 10)
+    write(mongo_store, sid, steps, np.cos(steps / 1000.0))
+    want = mongo_store.statistic_buckets(sid, "train", "loss", 20)
+    monkeypatch.setattr(mongo_grains, "MAX_ID_LOOKUP", 50)
+    got = mongo_store.statistic_buckets(sid, "train", "loss", 20)
+    same(got, want)
+    same(got, reference(mongo_store, sid, "train", "loss", 20))

@@ -36,6 +36,10 @@ Doc = dict[str, Any]
 IDS_PER_QUERY = 4000
 """`_id`s per `$in` lookup."""
 
+MAX_ID_LOOKUP = 20_000
+"""Grains a curve looks up by `_id` (nx-27017 scans the collection for any other query);
+a longer range is queried by its index (about 10M steps and more)."""
+
 
 def series_id(session: str, phase: str, name: str) -> str:
     return doc_key(session, phase, name)
@@ -155,11 +159,15 @@ class GrainSummaries:
             return None
         low = max(int(series["first"]), start if start is not None else int(series["first"]))
         high = min(int(series["last"]), end if end is not None else int(series["last"]))
-        ids = [
-            doc_key(session, phase, name, g)
-            for g in range(low // curves.GRAIN, high // curves.GRAIN + 1)
-        ]
-        docs = self.by_ids(self._coll, ids)
+        first, last = low // curves.GRAIN, high // curves.GRAIN
+        if last - first < MAX_ID_LOOKUP:
+            ids = [doc_key(session, phase, name, g) for g in range(first, last + 1)]
+            docs = self.by_ids(self._coll, ids)
+        else:  # a long sparse range: by the index on (session, phase, name, grain)
+            query = {"session": session, "phase": phase, "name": name,
+                     "grain": {"$gte": first, "$lte": last}}  # fmt: skip
+            docs = self._retry("reading statistic summaries",
+                               lambda _: list(self._coll.find(query)))  # fmt: skip
         return sorted((_grain(d) for d in docs if d.get("n")), key=lambda g: g.grain)
 
     def by_ids(self, coll: Collection[Doc], ids: list[str]) -> list[Doc]:
