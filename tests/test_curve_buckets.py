@@ -238,9 +238,17 @@ def test_a_local_store_of_schema_1_gets_its_grains(tmp_path):
 
 
 def test_a_mongo_series_written_before_summaries_is_read_from_its_points(mongo_store):
+    """Then continued by this ptutils: the older buckets get their summaries too."""
     sid = session(mongo_store)
     write(mongo_store, sid, np.arange(1, 3001), np.linspace(5, 1, 3000))
     mongo_store.db["statistic_grains"].delete_many({})  # as an older ptutils left it
+    same(
+        mongo_store.statistic_buckets(sid, "train", "loss", 100),
+        reference(mongo_store, sid, "train", "loss", 100),
+    )
+    write(mongo_store, sid, np.arange(3001, 100_001), np.linspace(1, 0, 97_000))
+    grains = 100_000 // curves.GRAIN + 1  # steps 1..100000, every grain summarized
+    assert mongo_store.db["statistic_grains"].count_documents({"session": sid}) == grains + 1
     same(
         mongo_store.statistic_buckets(sid, "train", "loss", 100),
         reference(mongo_store, sid, "train", "loss", 100),

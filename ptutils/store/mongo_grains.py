@@ -117,6 +117,12 @@ class GrainSummaries:
             for (phase, name), (lo, hi) in spans.items()
         ]
 
+    def new_series(self, session: str, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (phase, name) of `keys` that have no series document yet."""
+        ids = {series_id(session, p, n): (p, n) for p, n in keys}
+        found = self.by_ids(self._coll, list(ids))
+        return [key for i, key in ids.items() if i not in {d["_id"] for d in found}]
+
     def delete_after(self, session: str, later_ids: list[str], after_step: int) -> None:
         ops: list[Any] = [
             DeleteMany({"_id": {"$in": later_ids[i : i + IDS_PER_QUERY]}})

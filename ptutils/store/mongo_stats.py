@@ -88,18 +88,35 @@ class StatisticBuckets:
         buckets = _buckets(points)
         for batch in _batches(session_id, buckets):
             self._retry(f"writing statistics of {session_id}", lambda _, b=batch: self._upsert(b))
-        if buckets:  # then their summaries, from the buckets as they are now
-            ids = [bucket_id(session_id, *key) for key in buckets]
-            self.grains.summarize(self.grains.by_ids(self._coll, ids))
-            spans: dict[tuple[str, str], tuple[int, int]] = {}
-            for (phase, name, _), fields in buckets.items():
-                steps = [int(k.partition(".")[2]) for k in fields]
-                lo, hi = spans.get((phase, name), (min(steps), max(steps)))
-                spans[(phase, name)] = (min(lo, *steps), max(hi, *steps))
-            ops = self.grains.series_ops(session_id, spans)
-            self._retry(f"writing statistics of {session_id}",
-                        lambda _: self._upsert(ops, self.grains.collection))
+        if buckets:
+            self._summarize(session_id, buckets)
         return sum(len(fields) for fields in buckets.values())
+
+    def _summarize(self, session_id: str, buckets: dict[BucketKey, Doc]) -> None:
+        """Store the summaries of the buckets written, read back as they are now, and
+        widen their series' step range. A series new to `statistic_grains` whose older
+        buckets were written by a ptutils without summaries gets theirs too."""
+        ids = [bucket_id(session_id, *key) for key in buckets]
+        self.grains.summarize(self.grains.by_ids(self._coll, ids))
+        spans: dict[tuple[str, str], tuple[int, int]] = {}
+        for (phase, name, _), fields in buckets.items():
+            steps = [int(k.partition(".")[2]) for k in fields]
+            lo, hi = spans.get((phase, name), (min(steps), max(steps)))
+            spans[(phase, name)] = (min(lo, *steps), max(hi, *steps))
+        for phase, name in self.grains.new_series(session_id, list(spans)):
+            query = {"session": session_id, "phase": phase, "name": name}
+            found = self._retry(f"reading statistics of {session_id}",
+                                lambda _, q=query: list(self._coll.find(q, {"bucket": 1})))
+            older = [d for d in found if d["_id"] not in set(ids)]
+            if older:
+                self.grains.summarize(self.grains.by_ids(self._coll, [d["_id"] for d in older]))
+                lo, hi = spans[(phase, name)]
+                spans[(phase, name)] = (min(lo, *(d["bucket"] * BUCKET_STEPS for d in older)),
+                                        max(hi, *(d["bucket"] * BUCKET_STEPS + BUCKET_STEPS - 1
+                                                  for d in older)))  # fmt: skip
+        ops = self.grains.series_ops(session_id, spans)
+        self._retry(f"writing statistics of {session_id}",
+                    lambda _: self._upsert(ops, self.grains.collection))
 
     def _upsert(self, ops: list[UpdateOne], coll: Collection[Doc] | None = None) -> None:
         """Run `ops` unordered; again for those that lost a race to create their bucket.
