@@ -86,18 +86,28 @@ class StatisticBuckets:
     def write(self, session_id: str, points: Iterable[StatPoint]) -> int:
         """Upsert points, a batch of buckets per `bulk_write`; the distinct points written."""
         buckets = _buckets(points)
+        created: set[str] = set()
         for batch in _batches(session_id, buckets):
-            self._retry(f"writing statistics of {session_id}", lambda _, b=batch: self._upsert(b))
+            created |= self._retry(f"writing statistics of {session_id}",
+                                   lambda _, b=batch: self._upsert(b))
         if buckets:
-            self._summarize(session_id, buckets)
+            self._summarize(session_id, buckets, created)
         return sum(len(fields) for fields in buckets.values())
 
-    def _summarize(self, session_id: str, buckets: dict[BucketKey, Doc]) -> None:
-        """Store the summaries of the buckets written, read back as they are now, and
-        widen their series' step range. A series new to `statistic_grains` whose older
-        buckets were written by a ptutils without summaries gets theirs too."""
+    def _summarize(self, session_id: str, buckets: dict[BucketKey, Doc], created: set[str]
+                   ) -> None:
+        """Store the summaries of the buckets written and widen their series' step range.
+
+        A bucket this write created (`rev` 1) holds just its points; any other is read
+        back as it is now. A series new to `statistic_grains` whose older buckets were
+        written by a ptutils without summaries gets theirs too.
+        """
         ids = [bucket_id(session_id, *key) for key in buckets]
-        self.grains.summarize(self.grains.by_ids(self._coll, ids))
+        new = [{"_id": i, "session": session_id, "phase": phase, "name": name, "bucket": b,
+                "rev": 1, "points": {k.partition(".")[2]: v for k, v in fields.items()}}
+               for i, ((phase, name, b), fields) in zip(ids, buckets.items()) if i in created]
+        self.grains.summarize(new + self.grains.by_ids(self._coll, [i for i in ids
+                                                                    if i not in created]))
         spans: dict[tuple[str, str], tuple[int, int]] = {}
         for (phase, name, _), fields in buckets.items():
             steps = [int(k.partition(".")[2]) for k in fields]
@@ -118,18 +128,21 @@ class StatisticBuckets:
         self._retry(f"writing statistics of {session_id}",
                     lambda _: self._upsert(ops, self.grains.collection))
 
-    def _upsert(self, ops: list[UpdateOne], coll: Collection[Doc] | None = None) -> None:
+    def _upsert(self, ops: list[UpdateOne], coll: Collection[Doc] | None = None) -> set[str]:
         """Run `ops` unordered; again for those that lost a race to create their bucket.
+        The `_id`s of the documents the upserts created.
 
         Two writers upserting the same new bucket at once can both miss it, and the
         later insert fails on the unique `_id`; run again, its upsert finds the bucket.
         (MongoDB >= 4.2 retries such upserts itself; other servers may not.)
         """
+        created: set[str] = set()
         for _ in range(_UPSERT_ATTEMPTS):
             try:
-                (coll if coll is not None else self._coll).bulk_write(ops, ordered=False)
-                return
+                done = (coll if coll is not None else self._coll).bulk_write(ops, ordered=False)
+                return created | set(done.upserted_ids.values())
             except BulkWriteError as exc:
+                created |= {u["_id"] for u in exc.details.get("upserted", [])}
                 errors = exc.details.get("writeErrors", [])
                 if not errors or any(e.get("code") not in DUPLICATE_CODES for e in errors):
                     raise
