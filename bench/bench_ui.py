@@ -3,9 +3,10 @@ of 1,000,000 statistic points, on a local store and on nx-27017.
 
 Times are read in the page (performance.now(), from navigation start or from the
 filter's input event to the table or chart drawn with the server's data), so they cover
-the request, the store, the JSON and the drawing. The session page's first visit reads
-the whole curve from the store (cold); later visits and live polls read only what is new
-(warm): both are reported. Goals: each < 1 s.
+the request, the store, the JSON and the drawing. The store downsamples the curve itself
+(`Store.statistic_buckets`) from the per-grain summaries that `write_statistics` keeps,
+built here by writing the points through the store API as a run does (`fill`): a first
+visit (cold: a fresh server) and later ones (warm) are reported. Goals: each < 1 s.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ Statistics
     idempotent on (session, phase, step, name): writing a point again overwrites it.
   * `delete_statistics(session, after_step=s)` removes points with step > s (used when
     a chunk restarts from s, so a lost attempt's points are replaced, not duplicated).
+  * `statistic_buckets(session, phase, name, buckets, start=, end=)` returns one
+    statistic downsampled by the store (ptutils.store.curves: min and max per bucket
+    of steps, the same buckets on every backend), reading only what it needs.
   * Both keep the session's `summary` (ptutils.store.summary: last train loss, last eval
     metrics, newest point time) with one extra update per call, so listings need no
     statistics query.
@@ -74,6 +77,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from ptutils.store.curves import Curve, check_request, from_points
 
 GC_GRACE_S = 3600.0
 """Garbage collection leaves segments, uploads and unreferenced files younger than this
@@ -509,6 +514,33 @@ class Store(abc.ABC):
         step_max: int | None = None,
     ) -> list[dict[str, Any]]:
         """Points as dicts {session, phase, step, name, value, time}, by session, step, name."""
+
+    def statistic_buckets(
+        self,
+        session_id: str,
+        phase: str,
+        name: str,
+        buckets: int,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> Curve:
+        """One statistic between steps `start` and `end` (inclusive; None: unbounded),
+        min/max-downsampled to at most `buckets` buckets (ptutils.store.curves).
+
+        This fallback reads every point of the range; backends read less.
+        """
+        check_request(buckets, start, end)
+        points = self.query_statistics(session_id, phase=phase, name=name,
+                                       step_min=start, step_max=end)
+        return from_points(points, buckets)
+
+    def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
+        """(phase, name) of every statistic the session has, sorted.
+
+        This fallback reads every point; backends read their per-series summaries.
+        """
+        return sorted({(p["phase"], p["name"]) for p in self.query_statistics(session_id)})
 
     # --- documents (search state and other small records) ---------------------------
     @abc.abstractmethod

@@ -27,6 +27,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import numpy as np
+
 from ptutils.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -35,9 +37,10 @@ from ptutils.errors import (
     SessionNotFound,
     StoreError,
 )
-from ptutils.store import DEFAULT_STORE, summary
+from ptutils.store import DEFAULT_STORE, curves, summary
 from ptutils.store import sqlite_db as db
 from ptutils.store.base import LISTING_OMITS, SessionQuery, StatPoint, Store, check_page
+from ptutils.store.curves import Curve
 from ptutils.store.document import get_path, set_path
 from ptutils.store.segment_files import READ_BLOCK, STALE_TEMP_S, SegmentFiles
 from ptutils.store.sqlite_db import BUSY_TIMEOUT_S, SCHEMA_VERSION, Database
@@ -224,6 +227,7 @@ class LocalStore(Store):
             self.delete_checkpoint(session_id, step, kind)
         with self._db.write() as conn:
             conn.execute("DELETE FROM statistics WHERE session = ?", (session_id,))
+            conn.execute("DELETE FROM statistic_grains WHERE session = ?", (session_id,))
             conn.execute("DELETE FROM session_tags WHERE session = ?", (session_id,))
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
@@ -508,6 +512,8 @@ class LocalStore(Store):
                     f"INSERT OR REPLACE INTO statistics ({db.STAT_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
                     rows,
                 )
+                db.summarize_grains(conn, session_id,
+                                    {(r[1], r[3], r[2] // curves.GRAIN) for r in rows})
                 db.update_session_doc(conn, session_id, lambda doc: summary.apply(doc, batch))
         return len(rows)
 
@@ -518,6 +524,12 @@ class LocalStore(Store):
                 "DELETE FROM statistics WHERE session = ? AND step > ?",
                 (session_id, int(after_step)),
             )
+            grain = int(after_step) // curves.GRAIN
+            conn.execute("DELETE FROM statistic_grains WHERE session = ? AND grain > ?",
+                         (session_id, grain))
+            cut = conn.execute("SELECT phase, name FROM statistic_grains WHERE session = ? "
+                               "AND grain = ?", (session_id, grain)).fetchall()
+            db.summarize_grains(conn, session_id, [(p, n, grain) for p, n in cut])
             db.update_session_doc(conn, session_id,
                                   lambda doc: summary.trim(doc, int(after_step)))
             return cur.rowcount
@@ -550,6 +562,51 @@ class LocalStore(Store):
         with self._db.read() as conn:
             rows = conn.execute(sql + " ORDER BY session, step, name, phase", args).fetchall()
         return [db.stat_doc(r) for r in rows]
+
+    def statistic_buckets(
+        self,
+        session_id: str,
+        phase: str,
+        name: str,
+        buckets: int,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> Curve:
+        """One statistic min/max-downsampled (ptutils.store.curves) from the summaries of
+        its grains, kept in `statistic_grains` by every write, and the few points needed
+        beside them (the range's cut grains, a narrow span)."""
+        curves.check_request(buckets, start, end)
+        series = (session_id, name, db.as_text(phase))
+        first = -1 if start is None else start // curves.GRAIN
+        last = _STEP_MAX if end is None else end // curves.GRAIN
+        with self._db.read() as conn:
+            rows = conn.execute(
+                f"SELECT {db.GRAIN_COLUMNS} FROM statistic_grains WHERE session = ? AND "
+                "phase = ? AND name = ? AND grain >= ? AND grain <= ? ORDER BY grain",
+                (session_id, series[2], name, first, last)).fetchall()  # fmt: skip
+
+            def raw(low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+                found = conn.execute(
+                    f"SELECT step, value, special FROM statistics WHERE {db.SERIES} "
+                    "ORDER BY step", (*series, low, high)).fetchall()  # fmt: skip
+                steps = np.fromiter((r[0] for r in found), np.int64, len(found))
+                values = np.fromiter((float(r[2]) if r[2] is not None else r[1]
+                                      for r in found), np.float64, len(found))
+                return steps, values
+
+            return curves.assemble([curves.Grain(*r) for r in rows], raw, buckets, start, end)
+
+    def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
+        """From the grain summaries (their key's prefix), not the points."""
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT DISTINCT phase, name FROM statistic_grains "
+                                "WHERE session = ? ORDER BY phase, name", (session_id,))
+            return [(str(p), str(n)) for p, n in rows]
+
+
+_STEP_MAX = 2**63 - 1
+"""The last step of an unbounded range (SQLite's integers)."""
 
 
 def _prepare_root(root: Path) -> None:

@@ -46,6 +46,7 @@ from ptutils.store.base import (
     check_page,
     new_id,
 )
+from ptutils.store.curves import Curve, check_request
 from ptutils.store.mongo_fields import (
     decode_metrics,
     doc_key,
@@ -695,3 +696,26 @@ class MongoStore(Store):
         return self._stats.query(
             session_id, name=name, phase=phase, step_min=step_min, step_max=step_max
         )
+
+    def statistic_buckets(
+        self,
+        session_id: str,
+        phase: str,
+        name: str,
+        buckets: int,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> Curve:
+        """From the summaries of the statistic buckets (mongo_grains.py); a series
+        written before them is read point by point."""
+        check_request(buckets, start, end)
+        found = self._stats.curve(session_id, phase, name, buckets, start, end)
+        if found is None:
+            return super().statistic_buckets(session_id, phase, name, buckets,
+                                              start=start, end=end)
+        return found
+
+    def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
+        found = self._stats.grains.series(session_id)
+        return super().statistic_series(session_id) if found is None else found

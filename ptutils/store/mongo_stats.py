@@ -12,6 +12,8 @@ Writing a point again sets the same key: writes are idempotent on (session, phas
 step, name) and a replayed chunk never duplicates. Queries ask for the buckets that
 overlap the step range and filter the points here.
 Non-finite values are stored as strings (see `mongo_fields.encode_number`).
+Every write of a bucket also `$inc`s its `rev`, and the writer then stores the bucket's
+summary for curves in `statistic_grains` (mongo_grains.py).
 
 Both MongoDB and nx-27017 (checked) create the `points` sub-document on the first
 `$set` of `points.<step>`, treat the numeric key as a field name (not an array index,
@@ -29,17 +31,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
 from ptutils.errors import StoreError
 from ptutils.store.base import StatPoint
+from ptutils.store.curves import GRAIN, Curve, assemble
 from ptutils.store.mongo_fields import decode_number, doc_key, encode_number, plain
+from ptutils.store.mongo_grains import GrainSummaries, bucket_points
 from ptutils.store.mongo_retry import DUPLICATE_CODES, Retry
 
-BUCKET_STEPS = 512
-"""Steps per bucket document: a few hundred points per document, as MongoDB advises."""
+BUCKET_STEPS = GRAIN
+"""Steps per bucket document: a few hundred points per document, as MongoDB advises;
+one grain of a curve (ptutils.store.curves), summarized in `statistic_grains`."""
 
 STAT_BATCH = 5000
 """Statistic points per `bulk_write` (the unit a transient error makes us retry)."""
@@ -60,6 +66,7 @@ class StatisticBuckets:
     def __init__(self, collection: Collection[Doc], retry: Retry) -> None:
         self._coll = collection
         self._retry = retry
+        self.grains = GrainSummaries(collection.database["statistic_grains"], retry)
 
     def create_indexes(self) -> None:
         """Unique per bucket; a second index serves queries by session and name."""
@@ -74,26 +81,68 @@ class StatisticBuckets:
             [("session", 1), ("phase", 1), ("name", 1), ("bucket", 1)], unique=True
         )
         self._coll.create_index([("session", 1), ("name", 1), ("bucket", 1)])
+        self.grains.create_indexes()
 
     def write(self, session_id: str, points: Iterable[StatPoint]) -> int:
         """Upsert points, a batch of buckets per `bulk_write`; the distinct points written."""
         buckets = _buckets(points)
+        created: set[str] = set()
         for batch in _batches(session_id, buckets):
-            self._retry(f"writing statistics of {session_id}", lambda _, b=batch: self._upsert(b))
+            created |= self._retry(f"writing statistics of {session_id}",
+                                   lambda _, b=batch: self._upsert(b))
+        if buckets:
+            self._summarize(session_id, buckets, created)
         return sum(len(fields) for fields in buckets.values())
 
-    def _upsert(self, ops: list[UpdateOne]) -> None:
+    def _summarize(self, session_id: str, buckets: dict[BucketKey, Doc], created: set[str]
+                   ) -> None:
+        """Store the summaries of the buckets written and widen their series' step range.
+
+        A bucket this write created (`rev` 1) holds just its points; any other is read
+        back as it is now. A series new to `statistic_grains` whose older buckets were
+        written by a ptutils without summaries gets theirs too.
+        """
+        ids = [bucket_id(session_id, *key) for key in buckets]
+        new = [{"_id": i, "session": session_id, "phase": phase, "name": name, "bucket": b,
+                "rev": 1, "points": {k.partition(".")[2]: v for k, v in fields.items()}}
+               for i, ((phase, name, b), fields) in zip(ids, buckets.items()) if i in created]
+        self.grains.summarize(new + self.grains.by_ids(self._coll, [i for i in ids
+                                                                    if i not in created]))
+        spans: dict[tuple[str, str], tuple[int, int]] = {}
+        for (phase, name, _), fields in buckets.items():
+            steps = [int(k.partition(".")[2]) for k in fields]
+            lo, hi = spans.get((phase, name), (min(steps), max(steps)))
+            spans[(phase, name)] = (min(lo, *steps), max(hi, *steps))
+        for phase, name in self.grains.new_series(session_id, list(spans)):
+            query = {"session": session_id, "phase": phase, "name": name}
+            found = self._retry(f"reading statistics of {session_id}",
+                                lambda _, q=query: list(self._coll.find(q, {"bucket": 1})))
+            older = [d for d in found if d["_id"] not in set(ids)]
+            if older:
+                self.grains.summarize(self.grains.by_ids(self._coll, [d["_id"] for d in older]))
+                lo, hi = spans[(phase, name)]
+                spans[(phase, name)] = (min(lo, *(d["bucket"] * BUCKET_STEPS for d in older)),
+                                        max(hi, *(d["bucket"] * BUCKET_STEPS + BUCKET_STEPS - 1
+                                                  for d in older)))  # fmt: skip
+        ops = self.grains.series_ops(session_id, spans)
+        self._retry(f"writing statistics of {session_id}",
+                    lambda _: self._upsert(ops, self.grains.collection))
+
+    def _upsert(self, ops: list[UpdateOne], coll: Collection[Doc] | None = None) -> set[str]:
         """Run `ops` unordered; again for those that lost a race to create their bucket.
+        The `_id`s of the documents the upserts created.
 
         Two writers upserting the same new bucket at once can both miss it, and the
         later insert fails on the unique `_id`; run again, its upsert finds the bucket.
         (MongoDB >= 4.2 retries such upserts itself; other servers may not.)
         """
+        created: set[str] = set()
         for _ in range(_UPSERT_ATTEMPTS):
             try:
-                self._coll.bulk_write(ops, ordered=False)
-                return
+                done = (coll if coll is not None else self._coll).bulk_write(ops, ordered=False)
+                return created | set(done.upserted_ids.values())
             except BulkWriteError as exc:
+                created |= {u["_id"] for u in exc.details.get("upserted", [])}
                 errors = exc.details.get("writeErrors", [])
                 if not errors or any(e.get("code") not in DUPLICATE_CODES for e in errors):
                     raise
@@ -129,9 +178,11 @@ class StatisticBuckets:
                 f"deleting statistics of {session_id}",
                 lambda _: self._coll.delete_many({"session": session_id, "bucket": {"$gt": first}}),
             )
+        self.grains.delete_after(session_id, [d["_id"] for d in later], step)
         if trims:
             ops = [
-                UpdateOne({"_id": i}, {"$unset": {f"points.{k}": "" for k in part}})
+                UpdateOne({"_id": i}, {"$unset": {f"points.{k}": "" for k in part},
+                                       "$inc": {"rev": 1}})
                 for i, keys in trims.items()
                 for part in _parts(keys, UNSET_FIELDS)
             ]
@@ -139,6 +190,7 @@ class StatisticBuckets:
                 f"trimming statistics of {session_id}",
                 lambda _: self._coll.bulk_write(ops, ordered=False),
             )
+            self.grains.summarize(self.grains.by_ids(self._coll, list(trims)))
         return sum(len(_points(d)) for d in later) + sum(len(k) for k in trims.values())
 
     def delete_session(self, session_id: str) -> None:
@@ -147,6 +199,7 @@ class StatisticBuckets:
             f"deleting statistics of {session_id}",
             lambda _: self._coll.delete_many({"session": session_id}),
         )
+        self.grains.delete_session(session_id)
 
     def query(
         self,
@@ -177,6 +230,24 @@ class StatisticBuckets:
         rows.sort(key=lambda r: (r["session"], r["step"], r["name"], r["phase"]))
         return rows
 
+    def curve(self, session_id: str, phase: str, name: str, buckets: int,
+              start: int | None, end: int | None) -> Curve | None:
+        """A curve from the grain summaries and the buckets the range cuts; None for a
+        series written before summaries were kept."""
+        grains = self.grains.grains(session_id, str(plain(phase)), name, start, end)
+        if grains is None:
+            return None
+
+        def raw(low: int, high: int) -> tuple[Any, Any]:
+            ids = [bucket_id(session_id, str(plain(phase)), name, b)
+                   for b in range(low // BUCKET_STEPS, high // BUCKET_STEPS + 1)]
+            docs = self.grains.by_ids(self._coll, ids)
+            parts = [bucket_points(d, low, high) for d in sorted(docs, key=lambda d: d["bucket"])]
+            return (np.concatenate([p[0] for p in parts] or [np.zeros(0, np.int64)]),
+                    np.concatenate([p[1] for p in parts] or [np.zeros(0)]))
+
+        return assemble(grains, raw, buckets, start, end)
+
 
 def _buckets(points: Iterable[StatPoint]) -> dict[BucketKey, Doc]:
     """`$set` fields per bucket, `points.<step>: [value, time]`; a repeated point: last wins."""
@@ -201,7 +272,7 @@ def _batches(session_id: str, buckets: dict[BucketKey, Doc]) -> Iterable[list[Up
     size = 0
     for (phase, name, bucket), fields in buckets.items():
         labels = {"session": session_id, "phase": phase, "name": name, "bucket": bucket}
-        update = {"$set": fields, "$setOnInsert": labels}
+        update = {"$set": fields, "$setOnInsert": labels, "$inc": {"rev": 1}}
         batch.append(UpdateOne({"_id": bucket_id(**labels)}, update, upsert=True))
         size += len(fields)
         if size >= STAT_BATCH:

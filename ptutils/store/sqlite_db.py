@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from enum import Enum
 from pathlib import Path
@@ -21,9 +21,11 @@ from typing import Any
 
 from ptutils.errors import StoreError
 from ptutils.store.base import StatPoint
+from ptutils.store.curves import GRAIN
 
-SCHEMA_VERSION = 1
-"""Recorded in SQLite's `user_version`; a newer database is refused, not misread."""
+SCHEMA_VERSION = 2
+"""Recorded in SQLite's `user_version`; a newer database is refused, not misread.
+2: `statistic_grains` (summaries an older ptutils would not keep up to date)."""
 
 BUSY_TIMEOUT_S = 60.0
 """How long a writer waits for another process's transaction before failing."""
@@ -55,7 +57,16 @@ _SCHEMA = (
         session TEXT NOT NULL, phase TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL,
         value REAL, special TEXT, time REAL NOT NULL,
         PRIMARY KEY (session, phase, step, name)) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS statistics_name ON statistics(session, name, step)",
+    # One series in step order, with its values (the table's key, phase included, is in
+    # every index of a WITHOUT ROWID table): queries by name and curves read only this.
+    "CREATE INDEX IF NOT EXISTS statistics_curve ON statistics(session, name, step, value)",
+    "DROP INDEX IF EXISTS statistics_name",  # (session, name, step): the one above serves it
+    """CREATE TABLE IF NOT EXISTS statistic_grains (
+        session TEXT NOT NULL, phase TEXT NOT NULL, name TEXT NOT NULL, grain INTEGER NOT NULL,
+        n INTEGER NOT NULL, finite INTEGER NOT NULL, first INTEGER NOT NULL,
+        last INTEGER NOT NULL, ffirst INTEGER, flast INTEGER, low REAL, low_step INTEGER,
+        high REAL, high_step INTEGER,
+        PRIMARY KEY (session, phase, name, grain)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS chores (
         name TEXT PRIMARY KEY, last REAL NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS documents (
@@ -129,6 +140,8 @@ class Database:
                     _add_updated_column(conn)
                 else:
                     conn.execute(stmt)
+            if version < 2:
+                backfill_grains(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -380,3 +393,46 @@ def stat_doc(row: tuple[Any, ...]) -> dict[str, Any]:
         "value": float(special) if special is not None else value,
         "time": at,
     }
+
+
+SERIES = "session = ? AND name = ? AND phase = ? AND step >= ? AND step <= ?"
+"""Selects one series' rows in a step range (the `statistics_curve` index serves it)."""
+
+GRAIN_COLUMNS = "grain, n, finite, first, last, ffirst, flast, low, low_step, high, high_step"
+"""The `statistic_grains` columns of a `curves.Grain`, in its order."""
+
+_EXTREME = ("(SELECT step FROM statistics WHERE session = ?1 AND name = ?3 AND phase = ?2 "
+            "AND step >= ?5 AND step <= ?6 AND value IS NOT NULL ORDER BY value {}, step LIMIT 1)")
+
+GRAIN_SQL = f"""
+INSERT OR REPLACE INTO statistic_grains (session, phase, name, {GRAIN_COLUMNS})
+SELECT ?1, ?2, ?3, ?4, COUNT(*), COUNT(value), MIN(step), MAX(step),
+       MIN(CASE WHEN value IS NOT NULL THEN step END),
+       MAX(CASE WHEN value IS NOT NULL THEN step END),
+       MIN(value), {_EXTREME.format("ASC")}, MAX(value), {_EXTREME.format("DESC")}
+FROM statistics WHERE session = ?1 AND name = ?3 AND phase = ?2 AND step >= ?5 AND step <= ?6
+HAVING COUNT(*) > 0"""
+"""Summarize one grain (session, phase, name, grain, first step, last step) from its
+points; a grain left without points is deleted by `GRAIN_EMPTY_SQL`."""
+
+GRAIN_EMPTY_SQL = """
+DELETE FROM statistic_grains WHERE session = ?1 AND phase = ?2 AND name = ?3 AND grain = ?4
+AND NOT EXISTS (SELECT 1 FROM statistics WHERE session = ?1 AND name = ?3 AND phase = ?2
+                AND step >= ?5 AND step <= ?6)"""
+
+
+def summarize_grains(conn: sqlite3.Connection, session_id: str,
+                     keys: Iterable[tuple[str, str, int]]) -> None:
+    """Summarize the (phase, name, grain) of a session again, in the caller's transaction."""
+    rows = [(session_id, phase, name, g, g * GRAIN, (g + 1) * GRAIN - 1)
+            for phase, name, g in sorted(set(keys))]
+    conn.executemany(GRAIN_SQL, rows)
+    conn.executemany(GRAIN_EMPTY_SQL, rows)
+
+
+def backfill_grains(conn: sqlite3.Connection) -> None:
+    """Summarize every grain of a database made before `statistic_grains`."""
+    keys = conn.execute(
+        f"SELECT DISTINCT session, phase, name, step / {GRAIN} FROM statistics").fetchall()
+    for session_id, phase, name, g in keys:
+        summarize_grains(conn, session_id, [(phase, name, g)])

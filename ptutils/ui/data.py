@@ -8,7 +8,6 @@ row is shown, how a session is cancelled) comes in as `Hooks` from the caller
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import yaml
 
 from ptutils.errors import PtutilsError
+from ptutils.store import curves
 from ptutils.store import summary as summaries
 from ptutils.store.base import SessionStatus, Store
 
@@ -32,9 +32,6 @@ id, and free text over name, id, tags, sweep and error message."""
 
 MAX_BUCKETS = 4000
 """Most pixel buckets a curve request may ask for (two points each)."""
-
-CACHE_POINTS = 8_000_000
-"""Statistic points the curve cache keeps in memory (16 bytes each), over all curves."""
 
 Row = Callable[[Store, dict[str, Any], float], dict[str, Any]]
 State = Callable[[Store, dict[str, Any], float], tuple[str, "int | None"]]
@@ -213,68 +210,26 @@ def session_detail(store: Store, ref: str, hooks: Hooks, store_arg: str) -> dict
 
 
 def series_names(store: Store, doc: dict[str, Any]) -> list[str]:
-    """`phase/name` of the curves a session has: train names seen at its last logged
-    steps, eval names at any step (eval points are few)."""
-    sid, step = doc["_id"], int(doc["step"])
-    recent = store.query_statistics(sid, phase="train", step_min=max(0, step - 64))
-    names = {f"train/{p['name']}" for p in recent}
-    names |= {f"eval/{p['name']}" for p in store.query_statistics(sid, phase="eval")}
+    """`phase/name` of the curves a session has (from the store's per-series summaries),
+    train/loss first."""
+    names = {f"{phase}/{name}" for phase, name in store.statistic_series(doc["_id"])}
     return sorted(names, key=lambda n: (n != "train/loss", n))
 
 
 # --- curves -----------------------------------------------------------------------------------
 class CurveCache:
-    """Each curve's points as arrays, refreshed from the session's committed step on.
-
-    A first request reads the whole series once; later ones read only the points after
-    the session's committed step (a restarted chunk rewrites those), so a page polling
-    a live run costs a chunk's points, not the run's.
-    """
-
-    def __init__(self, max_points: int = CACHE_POINTS) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self._max_points = max_points
-
-    def points(self, store: Store, doc: dict[str, Any], phase: str, name: str
-               ) -> tuple[np.ndarray, np.ndarray]:
-        key = (doc["_id"], phase, name)
-        with self._lock:
-            held = self._entries.get(key)
-        if held is None:
-            fresh = store.query_statistics(doc["_id"], phase=phase, name=name)
-            steps, values = _arrays(fresh)
-        else:
-            after = int(doc["step"]) if held[0].size == 0 else min(int(doc["step"]),
-                                                                  int(held[0][-1]))
-            tail = _arrays(store.query_statistics(doc["_id"], phase=phase, name=name,
-                                                  step_min=after + 1))
-            keep = held[0] <= after
-            steps = np.concatenate([held[0][keep], tail[0]])
-            values = np.concatenate([held[1][keep], tail[1]])
-        with self._lock:
-            self._entries.pop(key, None)
-            self._entries[key] = (steps, values)
-            while len(self._entries) > 1 and self._held() > self._max_points:
-                self._entries.pop(next(iter(self._entries)))  # the least recently used
-        return steps, values
-
-    def _held(self) -> int:
-        return sum(steps.size for steps, _ in self._entries.values())
+    """Kept for callers that pass one: the store now downsamples each curve itself
+    (`Store.statistic_buckets`, from summaries it keeps), so nothing is cached here and
+    a live page polling a running session sees every new point."""
 
 
-def _arrays(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    steps = np.fromiter((p["step"] for p in points), dtype=np.int64, count=len(points))
-    values = np.fromiter((p["value"] for p in points), dtype=np.float64, count=len(points))
-    return steps, values
+def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache | None = None,
+          start: int | None = None, end: int | None = None) -> dict[str, Any]:
+    """One curve (`phase/name`), min/max-downsampled by the store to `buckets` buckets
+    between steps `start` and `end` (ptutils.store.curves).
 
-
-def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache
-          ) -> dict[str, Any]:
-    """One curve (`phase/name`), min/max-downsampled to `buckets` pixel columns.
-
-    {series, name (the session's), steps, values, points (stored), nonfinite (steps of NaN/inf values, which
-    a chart cannot draw), last_step}.
+    {series, name (the session's), steps, values, points (stored), nonfinite (steps of
+    NaN/inf values, which a chart cannot draw), last_step, bucket_steps}.
     """
     phase, sep, name = series.partition("/")
     if not sep or phase not in ("train", "eval") or not name:
@@ -282,40 +237,17 @@ def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache
     if not 1 <= buckets <= MAX_BUCKETS:
         raise BadRequest(f"buckets={buckets}: between 1 and {MAX_BUCKETS}")
     doc = store.get_session(ref)
-    steps, values = cache.points(store, doc, phase, name)
-    finite = np.isfinite(values)
-    nonfinite = steps[~finite][:100].tolist()
-    xs, ys = downsample(steps[finite], values[finite], buckets)
-    return {"series": series, "name": doc["name"], "steps": xs.tolist(), "values": ys.tolist(),
-            "points": int(steps.size), "nonfinite": nonfinite,
-            "last_step": int(steps[-1]) if steps.size else None}
+    got = store.statistic_buckets(doc["_id"], phase, name, buckets, start=start, end=end)
+    return {"series": series, "name": doc["name"], "steps": got.steps, "values": got.values,
+            "points": got.points, "nonfinite": got.nonfinite, "last_step": got.last,
+            "bucket_steps": got.bucket_steps}
 
 
 def downsample(steps: np.ndarray, values: np.ndarray, buckets: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each of `buckets` equal step ranges, in step order: a spike of one
-    point stays visible at any zoom-out. Steps must be ascending."""
-    if steps.size <= 2 * buckets:
-        return steps, values
-    lo, hi = int(steps[0]), int(steps[-1])
-    bucket = ((steps - lo) * buckets) // (hi - lo + 1)
-    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-    counts = np.diff(np.r_[starts, steps.size])
-    mins = np.minimum.reduceat(values, starts)
-    maxs = np.maximum.reduceat(values, starts)
-    owner = np.repeat(np.arange(starts.size), counts)
-    first_min = _first_true(values == mins[owner], owner, starts.size)
-    first_max = _first_true(values == maxs[owner], owner, starts.size)
-    picks = np.unique(np.concatenate([first_min, first_max]))
-    return steps[picks], values[picks]
-
-
-def _first_true(mask: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
-    """The first index where `mask` holds, per group (every group has one)."""
-    idx = np.flatnonzero(mask)
-    _, first = np.unique(owner[idx], return_index=True)
-    assert first.size == groups
-    return idx[first]
+    """Min and max of each bucket of steps, in step order (ptutils.store.curves): a spike
+    of one point stays visible at any zoom-out. Steps ascending, values finite."""
+    return curves.downsample(steps, values, buckets)
 
 
 # --- a sweep or search -------------------------------------------------------------------------
