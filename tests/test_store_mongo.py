@@ -238,12 +238,16 @@ def test_put_waits_for_a_deletion_in_progress(mongo_store: MongoStore) -> None:
 def test_racing_puts_and_deletes_never_lose_a_committed_segment(
     mongo_store: MongoStore, mongo_uri: str
 ) -> None:
-    """Session A deletes its only checkpoint holding a segment while B writes one reusing it."""
+    """Session A deletes its only checkpoint holding a segment while B writes one reusing it.
+
+    Found by this test (1 run in 10 with 6 rounds): the deleter read checkpoints, then
+    uploads; B committed its checkpoint between the two reads and unregistered before
+    the second, so neither read saw B's reference and its segment was deleted."""
     a, b = new_session(mongo_store, "a"), new_session(mongo_store, "b")
     other = MongoStore(mongo_uri)
     try:
-        for round_ in range(6):
-            state = {f"w{i}": torch.full((16_000,), round_ * 100.0 + i) for i in range(20)}
+        for round_ in range(30):
+            state = {f"w{i}": torch.full((4_000,), round_ * 100.0 + i) for i in range(20)}
             mongo_store.put_checkpoint(a, round_, "chunk", state)
             deleter = threading.Thread(target=mongo_store.delete_checkpoint,
                                        args=(a, round_, "chunk"))  # fmt: skip

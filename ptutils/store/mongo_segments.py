@@ -317,12 +317,17 @@ class SegmentStore:
         return self._retry(f"verifying segment {digest}", lambda _: self._intact(digest, nbytes))
 
     def _referenced(self, digest: str) -> bool:
-        """Does a live checkpoint, or a put in flight, use this segment?"""
+        """Does a put in flight, or a live checkpoint, use this segment?
+
+        Uploads are read first, checkpoints second: a put inserts its checkpoint document
+        before it unregisters, so a put that is gone from the uploads by the first read
+        has its checkpoint found by the second. (Checkpoints first lost a segment: the
+        put committed after that read and unregistered before the next.)
+        """
+        if self._uploads.find_one({"segments": {"$in": [digest]}}, {"_id": 1}) is not None:
+            return True
         live = {"segments": {"$in": [digest]}, "state": {"$ne": "deleting"}}
-        return (
-            self._ckpts.find_one(live, {"_id": 1}) is not None
-            or self._uploads.find_one({"segments": {"$in": [digest]}}, {"_id": 1}) is not None
-        )
+        return self._ckpts.find_one(live, {"_id": 1}) is not None
 
     def _drop_data(self, digest: str) -> bool:
         """Delete a segment's chunks, then its files document; False if neither existed."""
