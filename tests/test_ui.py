@@ -21,6 +21,7 @@ from selenium.webdriver.support.ui import Select
 
 from ptutils.store import open_store
 from ptutils.store.base import new_session_doc
+from ptutils.ui import data
 from ptutils.ui.data import downsample
 from tests import test_workers as cluster
 from tests.helpers import digits_config
@@ -119,6 +120,21 @@ def test_sessions_table_filters_sorts_and_pages(browser, ui_local):
     page = ui_local.api("/api/sessions?per_page=10&sort=name&order=asc&page=1")
     assert page["total"] == 3 and [r["name"] for r in page["rows"]] == sorted(RUNS)
     assert ui_local.api("/api/sessions?per_page=10&page=2")["rows"] == []
+    # Sorted by time, pages come from the store's index: same order, totals on every page.
+    oldest = ui_local.api("/api/sessions?per_page=10&sort=created&order=asc")["rows"]
+    order = [r["name"] for r in oldest]  # the three runs started at once: any order
+    assert sorted(order) == sorted(RUNS) and [r["created"] for r in oldest] == sorted(
+        r["created"] for r in oldest)
+    later = ui_local.api("/api/sessions?per_page=10&sort=updated&page=2")
+    assert later["total"] == 3 and later["rows"] == []
+    with open_store(ui_local_store(ui_local)) as store:  # pages smaller than the API's
+        for page, want in ((1, order[:2]), (2, order[2:])):
+            got = data.list_sessions(store, {}, "created", False, page, 2, data.Hooks())
+            assert got["total"] == 3 and [r["name"] for r in got["rows"]] == want
+        got = data.list_sessions(store, {}, "created", True, 1, 2, data.Hooks())
+        assert [r["name"] for r in got["rows"]] == order[:0:-1]
+    assert ui_local.api("/api/sessions?name=alph")["total"] == 2  # a name prefix
+    assert ui_local.api("/api/sessions?name=lpha")["total"] == 0
     assert ui_local.api("/api/sessions?q=beta")["total"] == 1
     with pytest.raises(urllib.error.HTTPError) as bad:
         ui_local.api("/api/sessions?sort=password")

@@ -18,7 +18,7 @@ import yaml
 from ptutils.errors import PtutilsError
 from ptutils.store import curves
 from ptutils.store import summary as summaries
-from ptutils.store.base import SessionStatus, Store
+from ptutils.store.base import SESSION_SORTS, SessionQuery, SessionStatus, Store
 
 PAGE_SIZES = (10, 25, 50, 100, 200)
 """Rows per page the sessions table offers; anything else is refused."""
@@ -84,24 +84,32 @@ def parse_query(params: dict[str, str]) -> tuple[dict[str, str], str, bool, int,
 
 def list_sessions(store: Store, filters: dict[str, str], sort: str, descending: bool,
                   page: int, per_page: int, hooks: Hooks) -> dict[str, Any]:
-    """One page of the sessions table: {total, page, per_page, rows, sweeps}.
+    """One page of the sessions table: {total, page, per_page, rows}.
 
-    Status, tag and sweep go to the store's indexed `find_sessions`; name and free text
-    are matched here. Rows (with their last metrics) are built for the page only.
+    Name (a prefix, as `ptutils status --name`), status, tag and sweep are the store's
+    indexed `SessionQuery`; sorted by created or updated, the page itself comes from the
+    store (`list_sessions` with limit and offset) and a short first page needs no count.
+    Free text, or a sort on another column, reads every match and sorts here. Rows (with
+    their last metrics) are built for the page only.
     """
-    docs = store.find_sessions(status=filters.get("status"), sweep=filters.get("sweep"),
-                               tag=filters.get("tag"))
-    name = filters.get("name", "").lower()
-    text = filters.get("q", "").lower()
-    if name:
-        docs = [d for d in docs if name in str(d["name"]).lower()]
-    if text:
-        docs = [d for d in docs if text in _haystack(d)]
-    docs.sort(key=lambda d: _sort_value(d, sort), reverse=descending)
+    status, tag = filters.get("status"), filters.get("tag")
+    query = SessionQuery(name=filters.get("name") or None, tags=(tag,) if tag else (),
+                         sweep=filters.get("sweep"), status=(status,) if status else None)
     start = (page - 1) * per_page
-    now = store.now()
-    rows = table_rows(store, docs[start:start + per_page], now, hooks.state)
-    return {"total": len(docs), "page": page, "per_page": per_page, "rows": rows}
+    text = filters.get("q", "").lower()
+    if sort in SESSION_SORTS and not text:
+        docs = store.list_sessions(query, sort=sort, descending=descending, limit=per_page,
+                                   offset=start)
+        short = len(docs) < per_page and (docs or start == 0)
+        total = start + len(docs) if short else store.count_sessions(query)
+    else:
+        docs = store.list_sessions(query)
+        if text:
+            docs = [d for d in docs if text in _haystack(d)]
+        docs.sort(key=lambda d: _sort_value(d, sort), reverse=descending)
+        total, docs = len(docs), docs[start:start + per_page]
+    rows = table_rows(store, docs, store.now(), hooks.state)
+    return {"total": total, "page": page, "per_page": per_page, "rows": rows}
 
 
 def table_rows(store: Store, docs: list[dict[str, Any]], now: float, state: State
