@@ -281,6 +281,8 @@ def test_running_session_updates_live_and_cancel_stops_it_on_the_worker(
             wait_until(lambda: browser.find_element(By.ID, "state").text == "paused", 30,
                        "the page to show the session paused")
             assert store.get_session(sid)["lease"] is None
+            name = store.get_session(sid)["name"]  # a cluster session: resumed by `ptutils resume`
+            assert f"ptutils resume {name} --store" in browser.find_element(By.ID, "commands").text
             screenshot(browser, "session-paused")
             wait_until(lambda: browser.find_element(By.ID, "resume").is_displayed(), 10,
                        "the resume button of the paused session")

@@ -209,12 +209,23 @@ def session_detail(store: Store, ref: str, hooks: Hooks, store_arg: str) -> dict
         "updated": doc.get("updated"),
         "attempts": doc.get("attempts"),
         "commands": {
-            "resume": f"ptutils run --resume {name} --store {store_arg}",
+            "resume": resume_command(doc, store_arg),
             "export": f"ptutils export {name} -o {name}.safetensors --store {store_arg}",
             "stats": f"ptutils stats {name} --store {store_arg}",
         },
         "series": series_names(store, doc),
     }
+
+
+def resume_command(doc: dict[str, Any], store_arg: str) -> str:
+    """How to continue the session: `ptutils run --resume` for one `ptutils run` started;
+    for one submitted to the cluster (it records a train queue), `ptutils requeue` once
+    failed or cancelled, else `ptutils resume` (of a paused session)."""
+    name = doc["name"]
+    if not (doc.get("meta") or {}).get("queue"):
+        return f"ptutils run --resume {name} --store {store_arg}"
+    ended = doc["status"] in (str(SessionStatus.FAILED), str(SessionStatus.CANCELLED))
+    return f"ptutils {'requeue' if ended else 'resume'} {name} --store {store_arg}"
 
 
 def series_names(store: Store, doc: dict[str, Any]) -> list[str]:
