@@ -32,6 +32,7 @@ __all__ = [
     "RabbitProcess",
     "RedisProcess",
     "ServerProcess",
+    "each_store",
     "free_port",
     "mongo_process",
     "mongo_server",
@@ -397,6 +398,21 @@ def mongo_store(mongo_uri: str) -> Iterator[object]:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture(params=["local", "mongo"])
+def each_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """An empty store of each backend: a LocalStore folder, then `mongo_store`."""
+    if request.param == "mongo":
+        yield request.getfixturevalue("mongo_store")
+        return
+    from ptutils.store.local import LocalStore
+
+    local = LocalStore(tmp_path / "store")
+    try:
+        yield local
+    finally:
+        local.close()
 
 
 # --- Redis -----------------------------------------------------------------------------

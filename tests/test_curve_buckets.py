@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,14 +19,10 @@ from ptutils.store.base import StatPoint, Store, new_session_doc
 from ptutils.store.local import LocalStore
 
 
-@pytest.fixture(params=["local", "mongo"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "local":
-        local = LocalStore(tmp_path / "store")
-        yield local
-        local.close()
-    else:
-        yield request.getfixturevalue("mongo_store")
+@pytest.fixture
+def store(each_store: Store) -> Store:
+    """An empty store of each backend (tests/servers.py `each_store`)."""
+    return each_store
 
 
 def reference(

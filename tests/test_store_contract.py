@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +41,10 @@ from tests.helpers import assert_bit_identical, corrupt_segment
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["local", "mongo"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """An empty store of each backend."""
-    if request.param == "local":
-        local = LocalStore(tmp_path / "store")
-        yield local
-        local.close()
-        return
-    try:
-        mongo = request.getfixturevalue("mongo_store")
-    except pytest.FixtureLookupError:
-        pytest.fail(
-            "the `mongo_store` fixture is missing from tests/servers.py: it must yield a "
-            "MongoStore on a real MongoDB wire server with a fresh database per test"
-        )
-    yield mongo
+@pytest.fixture
+def store(each_store: Store) -> Store:
+    """An empty store of each backend (tests/servers.py `each_store`)."""
+    return each_store
 
 
 # --- helpers ------------------------------------------------------------------------------
