@@ -352,14 +352,13 @@ def cancel(sessions: tuple[str, ...], store_url: str | None) -> None:
     """Cancel SESSIONS (names or ids): queued tasks are dropped, a running chunk stops.
 
     The running chunk stops at its worker's next lease renewal (within a third of the
-    lease TTL) and its work since the last checkpoint is discarded.
+    lease TTL) and its work since the last checkpoint is discarded. A finished session
+    stays as it is. Exit 2 if a session is unknown (the others are cancelled).
     """
     from orchestrator.status import cancel as do_cancel
 
     store = open_store_or_fail(store_url, create=False)
-    for ref in sessions:
-        doc = do_cancel(store, ref)
-        click.echo(f"{doc['name']}: {doc['status']} (step {doc['step']}/{doc['total_steps']})")
+    _act_on_each(sessions, lambda ref: do_cancel(store, ref))
 
 
 def _act_on_each(sessions: tuple[str, ...], action: Callable[[str], dict[str, Any]]) -> None:

@@ -21,8 +21,8 @@ from selenium.webdriver.support.ui import Select
 
 from ptutils.store import open_store
 from ptutils.store.base import new_session_doc
+from ptutils.store.curves import downsample
 from ptutils.ui import data
-from ptutils.ui.data import downsample
 from tests import test_workers as cluster
 from tests.helpers import digits_config
 from tests.ui_browser import (

@@ -528,12 +528,23 @@ class Store(abc.ABC):
         """One statistic between steps `start` and `end` (inclusive; None: unbounded),
         min/max-downsampled to at most `buckets` buckets (ptutils.store.curves).
 
-        This fallback reads every point of the range; backends read less.
+        A backend's `_summarized_curve` answers from summaries it keeps; without them
+        (a backend that keeps none, a series written before them) every point of the
+        range is read.
         """
         check_request(buckets, start, end)
+        found = self._summarized_curve(session_id, phase, name, buckets, start, end)
+        if found is not None:
+            return found
         points = self.query_statistics(session_id, phase=phase, name=name,
                                        step_min=start, step_max=end)
         return from_points(points, buckets)
+
+    def _summarized_curve(self, session_id: str, phase: str, name: str, buckets: int,
+                          start: int | None, end: int | None) -> Curve | None:
+        """`statistic_buckets` (arguments checked) from the backend's summaries; None
+        where it has none for this series."""
+        return None
 
     def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
         """(phase, name) of every statistic the session has, sorted.

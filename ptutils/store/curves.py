@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ptutils.errors import StoreError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 GRAIN = 512
 """Steps per summary a store may keep; wide buckets are whole multiples of it."""
@@ -102,6 +103,7 @@ def select(steps: np.ndarray, values: np.ndarray, buckets: Plan) -> tuple[np.nda
     `steps` ascending and `values` finite. Candidates may be summaries (each grain's
     own first minimum and first maximum) when the buckets are whole grains.
     """
+    import numpy as np
     if steps.size == 0:
         return steps, values
     bucket = buckets.bucket(steps)
@@ -118,6 +120,7 @@ def select(steps: np.ndarray, values: np.ndarray, buckets: Plan) -> tuple[np.nda
 
 def _first_true(mask: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
     """The first index where `mask` holds, per group (every group has one)."""
+    import numpy as np
     idx = np.flatnonzero(mask)
     _, first = np.unique(owner[idx], return_index=True)
     assert first.size == groups
@@ -134,6 +137,7 @@ def downsample(
 
 def from_arrays(steps: np.ndarray, values: np.ndarray, buckets: int) -> Curve:
     """The curve of raw points (steps ascending, any values): the reference."""
+    import numpy as np
     finite = np.isfinite(values)
     kept, kept_values = steps[finite], values[finite]
     found = plan(int(kept[0]), int(kept[-1]), kept.size, buckets) if kept.size else None
@@ -151,6 +155,7 @@ def from_arrays(steps: np.ndarray, values: np.ndarray, buckets: int) -> Curve:
 
 def from_points(points: Sequence[dict[str, Any]], buckets: int) -> Curve:
     """The curve of points as `query_statistics` returns them (one series, by step)."""
+    import numpy as np
     steps = np.fromiter((p["step"] for p in points), dtype=np.int64, count=len(points))
     values = np.fromiter((p["value"] for p in points), dtype=np.float64, count=len(points))
     return from_arrays(steps, values, buckets)
@@ -178,6 +183,7 @@ class Grain:
 
 def grain_of(steps: np.ndarray, values: np.ndarray, grain: int) -> Grain:
     """The summary of one grain's points (steps ascending, any values)."""
+    import numpy as np
     ok = np.isfinite(values)
     fs, fv = steps[ok], values[ok]
     low = high = None
@@ -206,6 +212,7 @@ def assemble(
 ) -> Curve:
     """The curve of a range from the summaries of its grains (ascending) and raw points
     where needed: the grains the range cuts, a narrow span, few points, NaN steps."""
+    import numpy as np
     low = _MIN if start is None else start
     high = _MAX if end is None else end
     inner = [g for g in grains if g.n and g.first >= low and g.last <= high]

@@ -27,8 +27,6 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import numpy as np
-
 from ptutils.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -46,6 +44,8 @@ from ptutils.store.segment_files import READ_BLOCK, STALE_TEMP_S, SegmentFiles
 from ptutils.store.sqlite_db import BUSY_TIMEOUT_S, SCHEMA_VERSION, Database
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ptutils.codec import Encoded, Segment
 
 __all__ = [
@@ -563,20 +563,12 @@ class LocalStore(Store):
             rows = conn.execute(sql + " ORDER BY session, step, name, phase", args).fetchall()
         return [db.stat_doc(r) for r in rows]
 
-    def statistic_buckets(
-        self,
-        session_id: str,
-        phase: str,
-        name: str,
-        buckets: int,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-    ) -> Curve:
+    def _summarized_curve(self, session_id: str, phase: str, name: str, buckets: int,
+                          start: int | None, end: int | None) -> Curve:
         """One statistic min/max-downsampled (ptutils.store.curves) from the summaries of
         its grains, kept in `statistic_grains` by every write, and the few points needed
         beside them (the range's cut grains, a narrow span)."""
-        curves.check_request(buckets, start, end)
+        import numpy as np
         series = (session_id, name, db.as_text(phase))
         first = -1 if start is None else start // curves.GRAIN
         last = _STEP_MAX if end is None else end // curves.GRAIN

@@ -46,7 +46,7 @@ from ptutils.store.base import (
     check_page,
     new_id,
 )
-from ptutils.store.curves import Curve, check_request
+from ptutils.store.curves import Curve
 from ptutils.store.mongo_fields import (
     decode_metrics,
     doc_key,
@@ -697,24 +697,11 @@ class MongoStore(Store):
             session_id, name=name, phase=phase, step_min=step_min, step_max=step_max
         )
 
-    def statistic_buckets(
-        self,
-        session_id: str,
-        phase: str,
-        name: str,
-        buckets: int,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-    ) -> Curve:
-        """From the summaries of the statistic buckets (mongo_grains.py); a series
-        written before them is read point by point."""
-        check_request(buckets, start, end)
-        found = self._stats.curve(session_id, phase, name, buckets, start, end)
-        if found is None:
-            return super().statistic_buckets(session_id, phase, name, buckets,
-                                              start=start, end=end)
-        return found
+    def _summarized_curve(self, session_id: str, phase: str, name: str, buckets: int,
+                          start: int | None, end: int | None) -> Curve | None:
+        """From the summaries of the statistic buckets (mongo_grains.py); None for a
+        series written before them (read point by point)."""
+        return self._stats.curve(session_id, phase, name, buckets, start, end)
 
     def statistic_series(self, session_id: str) -> list[tuple[str, str]]:
         found = self._stats.grains.series(session_id)

@@ -20,9 +20,8 @@ points. nx-27017 serves a lookup of many `_id`s ($in) without scanning the colle
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pymongo import DeleteMany, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
@@ -30,6 +29,9 @@ from pymongo.errors import BulkWriteError
 from ptutils.store import curves
 from ptutils.store.mongo_fields import decode_number, doc_key
 from ptutils.store.mongo_retry import DUPLICATE_CODES, Retry
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Doc = dict[str, Any]
 
@@ -49,6 +51,7 @@ def bucket_points(
     doc: Doc, low: int | None = None, high: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A bucket document's points (in [low, high] if given) as ascending arrays."""
+    import numpy as np
     pairs = sorted(
         (int(k), float(decode_number(v[0])))
         for k, v in (doc.get("points") or {}).items()

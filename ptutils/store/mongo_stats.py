@@ -29,9 +29,8 @@ uses the indexes), which is why writes find buckets by `_id`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
@@ -42,6 +41,9 @@ from ptutils.store.curves import GRAIN, Curve, assemble
 from ptutils.store.mongo_fields import decode_number, doc_key, encode_number, plain
 from ptutils.store.mongo_grains import GrainSummaries, bucket_points
 from ptutils.store.mongo_retry import DUPLICATE_CODES, Retry
+
+if TYPE_CHECKING:
+    pass
 
 BUCKET_STEPS = GRAIN
 """Steps per bucket document: a few hundred points per document, as MongoDB advises;
@@ -234,6 +236,7 @@ class StatisticBuckets:
               start: int | None, end: int | None) -> Curve | None:
         """A curve from the grain summaries and the buckets the range cuts; None for a
         series written before summaries were kept."""
+        import numpy as np
         grains = self.grains.grains(session_id, str(plain(phase)), name, start, end)
         if grains is None:
             return None

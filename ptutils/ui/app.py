@@ -23,7 +23,7 @@ from typing import Any
 from ptutils.errors import BrokerUnavailable, PtutilsError, SessionNotFound
 from ptutils.store.base import Store
 from ptutils.ui import data
-from ptutils.ui.data import BadRequest, CurveCache, Hooks
+from ptutils.ui.data import BadRequest, Hooks
 
 try:
     from starlette.applications import Starlette
@@ -54,7 +54,6 @@ def create_app(store: Store, *, store_arg: str, token: str | None,
                hooks: Hooks | None = None) -> Starlette:
     """The dashboard over `store`; `token` None: actions need none (localhost)."""
     hooks = hooks or Hooks()
-    cache = CurveCache()
 
     def page(name: str) -> Any:
         def endpoint(request: Request) -> Response:
@@ -82,7 +81,7 @@ def create_app(store: Store, *, store_arg: str, token: str | None,
             raise BadRequest("buckets is a whole number of pixel columns") from exc
         return JSONResponse(data.curve(store, request.path_params["ref"],
                                        request.query_params.get("series", "train/loss"),
-                                       buckets, cache))
+                                       buckets))
 
     def sweep(request: Request) -> Response:
         name = request.query_params.get("sweep")

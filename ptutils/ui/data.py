@@ -12,11 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import yaml
 
 from ptutils.errors import PtutilsError
-from ptutils.store import curves
 from ptutils.store import summary as summaries
 from ptutils.store.base import SESSION_SORTS, SessionQuery, SessionStatus, Store
 
@@ -236,13 +234,7 @@ def series_names(store: Store, doc: dict[str, Any]) -> list[str]:
 
 
 # --- curves -----------------------------------------------------------------------------------
-class CurveCache:
-    """Kept for callers that pass one: the store now downsamples each curve itself
-    (`Store.statistic_buckets`, from summaries it keeps), so nothing is cached here and
-    a live page polling a running session sees every new point."""
-
-
-def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache | None = None,
+def curve(store: Store, ref: str, series: str, buckets: int,
           start: int | None = None, end: int | None = None) -> dict[str, Any]:
     """One curve (`phase/name`), min/max-downsampled by the store to `buckets` buckets
     between steps `start` and `end` (ptutils.store.curves).
@@ -260,13 +252,6 @@ def curve(store: Store, ref: str, series: str, buckets: int, cache: CurveCache |
     return {"series": series, "name": doc["name"], "steps": got.steps, "values": got.values,
             "points": got.points, "nonfinite": got.nonfinite, "last_step": got.last,
             "bucket_steps": got.bucket_steps}
-
-
-def downsample(steps: np.ndarray, values: np.ndarray, buckets: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each bucket of steps, in step order (ptutils.store.curves): a spike
-    of one point stays visible at any zoom-out. Steps ascending, values finite."""
-    return curves.downsample(steps, values, buckets)
 
 
 # --- a sweep or search -------------------------------------------------------------------------
