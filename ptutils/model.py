@@ -176,6 +176,9 @@ class Model(Module):
         """One optimisation step over one batch, or the K micro-batches of an accumulated
         step (each loss scaled by 1/K, one optimizer step after the K backwards; clipping
         applies to the summed gradient). Returns the mean loss, detached, on its device."""
+        if isinstance(batches, Mapping) and self.amp is None and not self.clip_grad_value \
+                and not self.clip_grad_norm:
+            return self._plain_step(batches)
         micro = [batches] if isinstance(batches, Mapping) else list(batches)
         if not micro:
             raise ValueError("train_step: no batch")
@@ -215,6 +218,18 @@ class Model(Module):
         if len(losses) == 1:
             return losses[0]
         return torch.stack([v.float() for v in losses]).mean()
+
+    def _plain_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`train_step` of one batch without amp or clipping: what a hand-written loop
+        does, and no more (this is the per-step path of most runs)."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        loss = self.criterion(self.network(batch[self.input_key]), batch[self.target_key])
+        loss.backward()
+        opt.step()
+        if self.scheduler is not None and self.interval == "step" and self.monitor is None:
+            self.scheduler.step()
+        return loss.detach()
 
     def epochs_ended(self, count: int) -> None:
         """The train stream finished `count` epochs during the last step: an

@@ -57,29 +57,26 @@ class Trainer(Module):
             return self._reduce(losses).tolist()
         return losses.tolist()
 
-    def step(self) -> torch.Tensor:
+    def step(self, device: torch.device | None = None) -> torch.Tensor:
         """One training step on the next `model.accumulate` batches; the detached (mean)
         loss. An `interval: epoch` scheduler steps when the train stream finishes an
         epoch: `epochs_completed()` is a function of the data position, so a resumed run
         steps it where an uninterrupted one does."""
         model, data = self.model, self.data
+        if device is None:
+            device = model.device
         per_epoch = model.scheduler is not None and model.interval == "epoch"
         before = data.epochs_completed() if per_epoch else 0
         if model.accumulate == 1:
-            loss = model.train_step(self._to_device(data.next_batch()))
+            loss = model.train_step(_to_device(data.next_batch(), device))
         else:
             loss = model.train_step(
-                [self._to_device(data.next_batch()) for _ in range(model.accumulate)]
+                [_to_device(data.next_batch(), device) for _ in range(model.accumulate)]
             )
         if per_epoch:
             model.epochs_ended(data.epochs_completed() - before)
         return loss
 
-    def _to_device(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        device = self.model.device
-        if device.type == "cpu":
-            return batch
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def run(
         self,
@@ -93,12 +90,13 @@ class Trainer(Module):
     ) -> tuple[int, list[Statistic]]:
         """Run steps `start+1 .. stop` (or until `stop_flag`); (step reached, train stats)."""
         self.model.network.train()
+        device = self.model.device  # looked up once a run, not once a step
         stats: list[Statistic] = []
         step = start
         while step < stop:
             if stop_flag is not None and stop_flag.is_set():
                 break
-            self._pending.append(self.step())
+            self._pending.append(self.step(device))
             step += 1
             if step % self.log_every == 0 or step == stop:
                 self._flush(step, callbacks, history, stats, progress)
@@ -125,6 +123,13 @@ class Trainer(Module):
         callbacks.fire("on_log", step, losses)
         if progress is not None:
             progress(step, values[-1])
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device
+               ) -> Mapping[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
