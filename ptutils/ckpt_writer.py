@@ -43,6 +43,9 @@ _MAX_DEPTH = 64
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
+_SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+"""Immutable leaves: a list of only these is copied in one go."""
+
 
 class HostSnapshot:
     """Copies the tensors of a State into host buffers kept from one call to the next.
@@ -81,6 +84,8 @@ class HostSnapshot:
         if isinstance(obj, torch.Size):
             return obj
         if isinstance(obj, list | tuple):
+            if all(type(v) in _SCALARS for v in obj):  # a History column: thousands of floats
+                return list(obj) if isinstance(obj, list) else obj
             items = [self._copy(v, f"{path}/{i}", depth + 1) for i, v in enumerate(obj)]
             return items if isinstance(obj, list) else tuple(items)
         if isinstance(obj, bytearray):
