@@ -303,6 +303,10 @@ def test_scalar_edge_cases_round_trip() -> None:
         "np": [np.float32(1.5), np.int64(-3), np.bool_(True), np.complex64(1 + 2j)],
         (1, ("a", None)): {b"k": True, 2.5: None, None: "none", -(2**70): "big key"},
         "text": "ünïcødé ☃",
+        # long runs of plain numbers (History columns) take a fast path: same bytes back
+        "columns": {"loss": [i / 3 for i in range(5000)] + [math.nan, None, True],
+                    "step": list(range(5000)), "steps": tuple(range(-5, 5)),
+                    "big last": [*range(100), 2**64], "np in it": [1.0, np.float32(2.0)]},
     }
     for back in round_trips(state).values():
         assert_same(state, back)

@@ -71,7 +71,7 @@ def test_a_filesystem_without_direct_io_falls_back_to_buffered_writes(tmp_path, 
     monkeypatch.setattr(sf.os, "open", no_direct)
     files = sf.SegmentFiles(tmp_path)
     files._direct = True
-    seg = _segment(5000, 3)
+    seg = _segment(sf.DIRECT_MIN + 5, 3)
     files.write_missing([seg])
     assert not files._direct
     assert xxhash.xxh3_128(files.path(seg.hash).read_bytes()).hexdigest() == seg.hash

@@ -107,6 +107,12 @@ class TreeEncoder:
     def _container(self, obj: dict | list | tuple, path: str, depth: int) -> Any:
         if id(obj) in self._open:
             raise CodecError(f"cannot encode {path}: it contains itself (a reference cycle)")
+        kind = type(obj)
+        if (kind is list or kind is tuple) and obj:  # a History column: thousands of numbers
+            types = set(map(type, obj))
+            if types <= _PLAIN_LEAVES or (types == _INT and _INT_MIN <= min(obj)
+                                          and max(obj) <= _INT_MAX):
+                return list(obj) if kind is list else msgpack.ExtType(EXT_TUPLE, pack(obj))
         self._open.add(id(obj))
         try:
             if isinstance(obj, dict):
@@ -122,6 +128,11 @@ class TreeEncoder:
         if isinstance(obj, tuple):
             return msgpack.ExtType(EXT_TUPLE, pack(items))
         return items
+
+
+_PLAIN_LEAVES = frozenset({float, bool, type(None)})
+"""Leaves msgpack packs as they are: a list of only these needs no walk."""
+_INT = {int}
 
 
 def _int(value: int) -> Any:

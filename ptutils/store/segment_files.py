@@ -6,8 +6,8 @@ aligned buffer of its own (`WRITE_BLOCK`, allocated once and reused), hashes the
 and writes that same copy, so the file holds exactly the bytes that were hashed: a State
 changed while it was being saved fails verification (length + xxh3_128) instead of
 landing under a wrong name, with no second read of the file. Writes go straight to the
-disk (`O_DIRECT`) where the filesystem allows it, skipping a copy into the page cache
-and the flush of it later; elsewhere (tmpfs, some network filesystems: `EINVAL`) they
+disk (`O_DIRECT`, segments of `DIRECT_MIN` bytes and more) where the filesystem allows
+it, skipping a copy into the page cache and the flush of it later; elsewhere (tmpfs, some network filesystems: `EINVAL`) they
 are plain buffered writes.
 
 The segments are then made durable with a bounded number of syncs whatever their
@@ -53,6 +53,10 @@ READ_BLOCK = 8 << 20
 
 WRITE_BLOCK = 8 << 20
 """Bytes copied, hashed and written at a time by one writer thread (its buffer's size)."""
+
+DIRECT_MIN = 1 << 20
+"""Smaller segments are written through the page cache: a direct write waits for the
+device, which costs more than the copy it saves on a few KiB (the barrier flushes them)."""
 
 _ALIGN = 4096
 """Alignment of O_DIRECT buffers, offsets and lengths (any logical block size up to 4 KiB)."""
@@ -144,7 +148,7 @@ class SegmentFiles:
     def _write_file(self, tmp: Path, seg: Segment) -> tuple[str, int]:
         """Write the segment's bytes to `tmp` (direct I/O where the filesystem takes it);
         returns the xxh3_128 digest and length of the bytes written."""
-        if self._direct:
+        if self._direct and seg.nbytes >= DIRECT_MIN:
             try:
                 return _write_segment(tmp, seg, direct=True)
             except OSError as exc:
@@ -210,8 +214,8 @@ def _present(path: Path, nbytes: int) -> bool:
 
 
 _FREE_BUFFERS: list[memoryview] = []
-"""Page-aligned write buffers of `WRITE_BLOCK` bytes not in use (at most `WRITE_THREADS`
-are ever made, so at most that many times `WRITE_BLOCK` is held: 32 MiB)."""
+"""Page-aligned write buffers of `WRITE_BLOCK` bytes not in use, kept for the next put
+(at most `WRITE_THREADS` are kept: 32 MiB)."""
 _BUFFER_LOCK = threading.Lock()
 
 
