@@ -187,8 +187,8 @@ def test_sessions_table_pauses_the_ticked_sessions_and_shows_each_refusal(tmp_pa
                                                       meta={"queue": "train"}))
         done = store.create_session(new_session_doc("done", cfg, "h", 60))
         store.cas_session(done["_id"], {}, {"status": "completed"})
+    browser = chromium()  # first: a machine without Chromium leaves no server running
     server = UiServer(str(tmp_path / "runs"), tmp_path)
-    browser = chromium()
     try:
         browser.get(server.url + "/")
         wait_render(browser, 0)

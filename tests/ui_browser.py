@@ -47,7 +47,11 @@ class UiServer:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_until(self._answers, 60, "ptutils ui to answer", alive=self)
+        try:
+            wait_until(self._answers, 60, "ptutils ui to answer", alive=self)
+        except BaseException:
+            self.stop()  # never leave a server behind a failed start
+            raise
 
     @property
     def log(self) -> str:
