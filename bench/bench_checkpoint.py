@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import tempfile
@@ -138,6 +139,10 @@ def _raw_gridfs(uri: str, segments: list[Any]) -> None:
         client.close()
 
 
+BLOCK = 50
+"""Steps of each lock-step block of bench_checkpoint's Engine row (a multiple of 10)."""
+
+
 def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
                  ) -> tuple[float, float]:
     """A Train task of steps // chunk chunks, on a session built beforehand (as the
@@ -145,22 +150,22 @@ def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
     store's creation not counted: (seconds per step of the task, seconds per step of the
     `plain` loop run in lock step with it, or 0.0).
 
-    Lock step: at every log point (10 steps) the Engine's progress callback runs 10
-    steps of the plain loop, timed apart, so the two see the same moments of a shared
-    machine; skipped while a background write is in flight, so that the write's cost
-    lands on the Engine's side only."""
+    Lock step: every `BLOCK` steps (at a log point) the Engine's progress callback runs
+    `BLOCK` steps of the plain loop, timed apart, so the two see the same moments of a
+    shared machine; skipped while a background write is in flight, so that the write's
+    cost lands on the Engine's side only."""
     from ptutils.rng import get_rng_state
 
     inside, plain_steps = [0.0], [0]
     engine: Engine | None = None
 
-    def progress(_sid: str, _step: int, _loss: float) -> None:
-        if plain is None or engine is None or engine.writer.pending:
+    def progress(_sid: str, step: int, _loss: float) -> None:
+        if plain is None or engine is None or engine.writer.pending or step % BLOCK:
             return
         t = time.perf_counter()
-        plain.run(10)
+        plain.run(BLOCK)
         inside[0] += time.perf_counter() - t
-        plain_steps[0] += 10
+        plain_steps[0] += BLOCK
 
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(tmp)
@@ -192,13 +197,14 @@ def _engine_ratio(quick: bool) -> tuple[dict[str, Any], Goal]:
     steps = 300 if quick else 1500
     from ptutils.session import Session
 
-    rounds = 2 if quick else 7
-    sessions = [Session.create(_chunked(steps, steps // 5)) for _ in range(rounds + 1)]
+    rounds = 2 if quick else 11
     os.sync()  # whatever ran before flushes its dirty pages now, not during the rounds
     _plain_loop(steps, x, y)  # warm-up: first calls, lazy imports, the store's schema
-    _engine_task(steps, steps // 5, sessions)
+    _engine_task(steps, steps // 5, [Session.create(_chunked(steps, steps // 5))])
     ratios = []
-    for _ in range(rounds):  # a fresh plain loop each round (see bench_trainer's control)
+    for _ in range(rounds):  # fresh loops each round (see bench_trainer's control row)
+        sessions = [Session.create(_chunked(steps, steps // 5))]
+        gc.collect()
         engine_step, plain_step = _engine_task(steps, steps // 5, sessions, PlainLoop(x, y))
         ratios.append(engine_step / plain_step)
     ratio = round(statistics.median(ratios), 3)
