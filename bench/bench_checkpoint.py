@@ -153,7 +153,8 @@ def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
     Lock step: every `BLOCK` steps (at a log point) the Engine's progress callback runs
     `BLOCK` steps of the plain loop, timed apart, so the two see the same moments of a
     shared machine; skipped while a background write is in flight, so that the write's
-    cost lands on the Engine's side only."""
+    cost lands on the Engine's side only. The plain loop steps the session's own network
+    and optimizer, so both time the same tensors in memory."""
     from ptutils.rng import get_rng_state
 
     inside, plain_steps = [0.0], [0]
@@ -202,10 +203,11 @@ def _engine_ratio(quick: bool) -> tuple[dict[str, Any], Goal]:
     _plain_loop(steps, x, y)  # warm-up: first calls, lazy imports, the store's schema
     _engine_task(steps, steps // 5, [Session.create(_chunked(steps, steps // 5))])
     ratios = []
-    for _ in range(rounds):  # fresh loops each round (see bench_trainer's control row)
+    for _ in range(rounds):
         sessions = [Session.create(_chunked(steps, steps // 5))]
+        plain = PlainLoop(x, y, sessions[0].trainer.model)  # steps the Engine's network
         gc.collect()
-        engine_step, plain_step = _engine_task(steps, steps // 5, sessions, PlainLoop(x, y))
+        engine_step, plain_step = _engine_task(steps, steps // 5, sessions, plain)
         ratios.append(engine_step / plain_step)
     ratio = round(statistics.median(ratios), 3)
     row = {"what": f"Engine task of 5 chunks, {steps} steps, background checkpoints vs "

@@ -48,12 +48,19 @@ def _config(steps: int) -> dict:
 class PlainLoop:
     """The plain PyTorch loop, run `n` steps at a time (its state kept between calls)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, model: Any = None) -> None:
+        """`model`: a ptutils Model whose network, optimizer and criterion this loop
+        steps instead of its own (the same tensors in memory as the loop it is compared
+        with: two separately built networks differ by a few percent in speed, by where
+        their tensors landed; see bench_trainer's control row)."""
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(),
-                                 nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
-        self.crit = nn.CrossEntropyLoss()
+        if model is None:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(),
+                                     nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+            self.opt = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+            self.crit = nn.CrossEntropyLoss()
+        else:
+            self.net, self.opt, self.crit = model.network, model.optimizer, model.criterion
         self.gen = torch.Generator().manual_seed(0)
         self.x, self.y = x, y
         self.perm, self.pos, self.step, self.last = torch.randperm(x.shape[0], generator=self.gen), 0, 0, 0.0
@@ -135,18 +142,22 @@ def run(quick: bool = False) -> dict:
     repeat = 3 if quick else 9
     blocks, block, pairs = (10, 50, 2) if quick else (20, 100, 4)
 
-    def pooled(make_b: Callable[[], Callable[[int], Any]]) -> list[float]:
-        """Block ratios pooled over `pairs` fresh pairs of loops: one pair alone varies by
-        a few percent with where its tensors landed in memory (see the control row)."""
+    def pooled(shared: bool) -> list[float]:
+        """Block ratios pooled over `pairs` fresh pairs of loops. `shared`: the plain loop
+        steps the Trainer's own network and optimizer (the two differ only in the code
+        around the step); else a second plain loop, built apart (the control)."""
         out = []
         for _ in range(pairs):
-            a, b = PlainLoop(x, y).run, make_b()
+            trainer = TrainerLoop(blocks * block + 100)
+            model = trainer.session.trainer.model
+            a = PlainLoop(x, y, model).run
+            b = trainer.run if shared else PlainLoop(x, y).run
             a(100), b(100)  # warm-up
             out += lock_step(a, b, blocks, block)
         return out
 
-    ratios = pooled(lambda: TrainerLoop(blocks * block + 100).run)
-    control = pooled(lambda: PlainLoop(x, y).run)
+    ratios = pooled(True)
+    control = pooled(False)
     t = compare({"plain PyTorch loop": lambda: _plain_loop(steps, x, y),
                  "ptutils Engine chunk (+store, checkpoint)": lambda: _engine_chunk(steps)},
                 repeat=max(2, repeat // 3), warmup=0)
@@ -155,10 +166,11 @@ def run(quick: bool = False) -> dict:
              "best s": round(v.best, 4), "steps/s": round(steps / v.median),
              "ratio vs plain": round(v.median / base, 3)} for name, v in t.items()]
     ratio = statistics.median(ratios)
-    for i, (name, rs) in enumerate((("ptutils Trainer.run", ratios),
-                                    ("control: a second plain loop", control))):
+    for i, (name, rs) in enumerate((
+            ("ptutils Trainer.run (the plain loop steps its network)", ratios),
+            ("control: a plain loop of its own network (built apart)", control))):
         rows.insert(1 + i, {"loop": f"{name}, {pairs}x{blocks} blocks of {block} steps in "
-                            "lock step with the plain loop", "steps": pairs * blocks * block,
+                            "lock step", "steps": pairs * blocks * block,
                             "ratio vs plain": round(statistics.median(rs), 3),
                             "ratio quartiles": [round(q, 3) for q in statistics.quantiles(rs, n=4)]})
     goals = [Goal("Trainer.run / plain loop (median of lock-step blocks)", round(ratio, 3),
