@@ -29,7 +29,7 @@ uses the indexes), which is why writes find buckets by `_id`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pymongo import UpdateOne
 from pymongo.collection import Collection
@@ -41,9 +41,6 @@ from ptutils.store.curves import GRAIN, Curve, assemble
 from ptutils.store.mongo_fields import decode_number, doc_key, encode_number, plain
 from ptutils.store.mongo_grains import GrainSummaries, bucket_points
 from ptutils.store.mongo_retry import DUPLICATE_CODES, Retry
-
-if TYPE_CHECKING:
-    pass
 
 BUCKET_STEPS = GRAIN
 """Steps per bucket document: a few hundred points per document, as MongoDB advises;

@@ -5,10 +5,10 @@ in parallel threads (`WRITE_THREADS`). Each thread copies the segment's bytes in
 aligned buffer of its own (`WRITE_BLOCK`, allocated once and reused), hashes the copy
 and writes that same copy, so the file holds exactly the bytes that were hashed: a State
 changed while it was being saved fails verification (length + xxh3_128) instead of
-landing under a wrong name, with no second read of the file. Writes go straight to the
-disk (`O_DIRECT`, segments of `DIRECT_MIN` bytes and more) where the filesystem allows
-it, skipping a copy into the page cache and the flush of it later; elsewhere (tmpfs, some network filesystems: `EINVAL`) they
-are plain buffered writes.
+landing under a wrong name, with no second read of the file. Segments of `DIRECT_MIN`
+bytes and more go straight to the disk (`O_DIRECT`), skipping a copy into the page
+cache and the flush of it later; smaller ones, and all of them on a filesystem that
+refuses direct I/O (`EINVAL`), are plain buffered writes.
 
 The segments are then made durable with a bounded number of syncs whatever their
 count: one filesystem barrier for the data (`syncfs`), the renames into place, and a
