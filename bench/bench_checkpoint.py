@@ -152,7 +152,7 @@ def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
 
     Lock step: every `BLOCK` steps (at a log point) the Engine's progress callback runs
     `BLOCK` steps of the plain loop, timed apart, so the two see the same moments of a
-    shared machine; skipped while a background write is in flight, so that the write's
+    shared machine; skipped while a background write is running, so that the write's
     cost lands on the Engine's side only. The plain loop steps the session's own network
     and optimizer, so both time the same tensors in memory."""
     from ptutils.rng import get_rng_state
@@ -161,7 +161,7 @@ def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
     engine: Engine | None = None
 
     def progress(_sid: str, step: int, _loss: float) -> None:
-        if plain is None or engine is None or engine.writer.pending or step % BLOCK:
+        if plain is None or engine is None or engine.writer.busy or step % BLOCK:
             return
         t = time.perf_counter()
         plain.run(BLOCK)

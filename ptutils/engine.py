@@ -185,16 +185,13 @@ class Engine:
                     "(out of memory? a crash in native code?). See the worker logs."
                 ),
             )
-        leased = self.store.acquire_lease(task.session, task.token, self.worker, self.lease_ttl)
-        if leased is None:
-            return Outcome(task, False, "lease held by another worker")
-        doc = self.store.cas_session(
-            task.session,
-            {"token": task.token, "lease.worker": self.worker},
-            {"attempts": int(doc.get("attempts", 0)) + 1, "status": str(SessionStatus.RUNNING)},
-        )
+        doc = self.store.acquire_lease(
+            task.session, task.token, self.worker, self.lease_ttl,
+            also={"attempts": int(doc.get("attempts", 0)) + 1,
+                  "status": str(SessionStatus.RUNNING)},
+        )  # fmt: skip
         if doc is None:
-            return Outcome(task, False, "lost the session while starting")
+            return Outcome(task, False, "lease held by another worker")
         live = Live(doc, task)
         with _Heartbeat(self.store, task.session, self.worker, self.lease_ttl) as hb:
             try:

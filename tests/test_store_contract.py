@@ -224,6 +224,21 @@ def test_lease_acquire_refuse_expire_and_reacquire(store: Store) -> None:
     assert taken is not None and taken["lease"] == {"worker": "w2", "expires": 127.0}
 
 
+def test_lease_sets_its_extra_fields_only_when_taken(store: Store) -> None:
+    """A Train task takes the lease and counts its attempt in one compare-and-set."""
+    doc = make_session(store)
+    sid, tok = doc["_id"], doc["token"]
+    got = store.acquire_lease(sid, tok, "w1", ttl=10, now=100.0,
+                              also={"attempts": 1, "status": "running"})
+    assert got is not None and (got["attempts"], got["status"]) == (1, "running")
+    assert got["lease"] == {"worker": "w1", "expires": 110.0}
+    refused = store.acquire_lease(sid, tok, "w2", ttl=10, now=105.0,
+                                  also={"attempts": 2, "status": "failed"})
+    assert refused is None
+    kept = store.get_session(sid)
+    assert (kept["attempts"], kept["status"], kept["lease"]["worker"]) == (1, "running", "w1")
+
+
 def test_lease_needs_the_current_token(store: Store) -> None:
     doc = make_session(store)
     assert store.acquire_lease(doc["_id"], "stale-token", "w1", ttl=10, now=0.0) is None

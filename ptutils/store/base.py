@@ -316,9 +316,12 @@ class Store(abc.ABC):
         return time.time()
 
     def acquire_lease(
-        self, session_id: str, token: str, worker: str, ttl: float, *, now: float | None = None
+        self, session_id: str, token: str, worker: str, ttl: float, *, now: float | None = None,
+        also: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Take the lease for `worker` if the token matches and the lease is free or expired."""
+        """Take the lease for `worker` if the token matches and the lease is free or expired;
+        `also`: fields set in the same compare-and-set (a Train task's attempt count and
+        status: one write instead of two)."""
         now = self.now() if now is None else now
         doc = self.get_session(session_id)
         if doc.get("token") != token:
@@ -336,7 +339,7 @@ class Store(abc.ABC):
         return self.cas_session(
             session_id,
             {"token": token, **held},
-            {"lease": {"worker": worker, "expires": now + ttl}},
+            {"lease": {"worker": worker, "expires": now + ttl}, **(also or {})},
         )
 
     def renew_lease(

@@ -524,6 +524,8 @@ class LocalStore(Store):
                 "DELETE FROM statistics WHERE session = ? AND step > ?",
                 (session_id, int(after_step)),
             )
+            if cur.rowcount == 0:  # the common case (a task's start): nothing to redo,
+                return 0           # and a transaction that writes nothing costs no sync
             grain = int(after_step) // curves.GRAIN
             conn.execute("DELETE FROM statistic_grains WHERE session = ? AND grain > ?",
                          (session_id, grain))

@@ -66,6 +66,12 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads that write and verify the segments of one put."""
 
+PARALLEL_MIN = 8 << 20
+"""Bytes to write below which a put writes its segments in the calling thread: for a
+small State, starting threads and handing the GIL between them costs more CPU than the
+copying and hashing they would share (and a background put then takes that CPU from
+the training thread)."""
+
 STALE_TEMP_S = 3600.0
 """A temp segment file older than this (or whose writer died) is a crash leftover."""
 
@@ -81,6 +87,8 @@ class SegmentFiles:
         self.syncs = 0
         """Sync calls (syncfs or fsync) made by this object's writes."""
         self._direct = bool(_O_DIRECT)
+        self._ready: set[Path] = set()
+        """Subfolders made, and cleared of dead writers' temp files, by this object."""
 
     def path(self, digest: str, where: str = "") -> Path:
         """Where the segment `digest` lives; `CheckpointCorrupt` for a name that is no hash."""
@@ -100,8 +108,9 @@ class SegmentFiles:
             return 0
         temps: list[Path] = []
         try:
-            if len(todo) == 1:
-                temps.append(self._write_temp(todo[0]))
+            if len(todo) == 1 or sum(seg.nbytes for seg in todo) < PARALLEL_MIN:
+                for seg in todo:
+                    temps.append(self._write_temp(seg))
             else:
                 with ThreadPoolExecutor(min(WRITE_THREADS, len(todo))) as pool:
                     futures = [pool.submit(self._write_temp, seg) for seg in todo]
@@ -129,11 +138,17 @@ class SegmentFiles:
     def _write_temp(self, seg: Segment) -> Path:
         """The segment in a verified temp file next to its final name (not yet synced)."""
         folder = self.path(seg.hash).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(folder, seg.hash)
+        if folder not in self._ready:  # once per folder for this object, not per segment
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(folder, None)
+            self._ready.add(folder)
         tmp = folder / f".{seg.hash}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            digest, nbytes = self._write_file(tmp, seg)
+            try:
+                digest, nbytes = self._write_file(tmp, seg)
+            except FileNotFoundError:  # the folder was removed since (by hand): again
+                folder.mkdir(parents=True, exist_ok=True)
+                digest, nbytes = self._write_file(tmp, seg)
             if (digest, nbytes) != (seg.hash, seg.nbytes):
                 raise StoreError(
                     f"segment {seg.hash} failed verification while writing {tmp}: its "
@@ -320,11 +335,15 @@ def _mtime(path: Path) -> float:
 def _remove_stale_temps(folder: Path, digest: str | None, cutoff: float | None = None) -> int:
     """Remove temp files (of `digest`, or all) whose writer died or that are too old."""
     cutoff = time.time() - STALE_TEMP_S if cutoff is None else cutoff
+    prefix = f".{digest}." if digest else "."
     removed = 0
-    for path in folder.glob(f".{digest or '*'}.*.tmp"):
-        m = _TEMP_RE.match(path.name)
+    with os.scandir(folder) as entries:  # not Path.glob: that compiles a pattern per call
+        names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    for name in names:
+        m = _TEMP_RE.match(name)
         if m is None:
             continue
+        path = folder / name
         if _mtime(path) < cutoff or not pid_alive(int(m.group(2))):
             path.unlink(missing_ok=True)
             removed += 1
