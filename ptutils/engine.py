@@ -21,8 +21,9 @@ from ptutils.chunks import Live, run_chunks, settle
 from ptutils.ckpt_writer import CheckpointWriter, HostSnapshot
 from ptutils.errors import CheckpointCorrupt, CheckpointNotFound, PtutilsError, StoreError
 from ptutils.group.slots import LocalSlots, Slots
+from ptutils.group.train import train_group
 from ptutils.module import check_types
-from ptutils.plan import next_tasks, pending_eval_steps, plan_of, train_task
+from ptutils.plan import pending_eval_steps, plan_of, train_task
 from ptutils.protocol import EVAL, SAVE, TRAIN, Task
 from ptutils.retention import (
     GC_CHORE,
@@ -65,9 +66,6 @@ UNLOADABLE = (CheckpointCorrupt, CheckpointNotFound)
 
 ROLLBACK_ATTEMPTS = 5
 """Compare-and-set attempts of an Eval's rollback against a session that keeps moving."""
-
-SLOTS_RETRY_S = 5.0
-"""Seconds before a group chunk that found too few free device slots is tried again."""
 
 HANG_TIMEOUT_ENV = "PTUTILS_HANG_TIMEOUT"
 """Seconds a rank of a group session may go without finishing a step (default: the
@@ -196,7 +194,7 @@ class Engine:
         with _Heartbeat(self.store, task.session, self.worker, self.lease_ttl) as hb:
             try:
                 if plan.world_size > 1:
-                    return self._train_group(doc, task, hb)
+                    return train_group(self, doc, task, hb)
                 return self._train_leased(doc, task, hb, live)
             except StoreError as exc:
                 return self._store_failed(live, exc)
@@ -241,11 +239,15 @@ class Engine:
         if reason:
             return self._finish_early(doc, task, session, reason)
         apply_determinism(session.plan)
-        progress = None
-        if self.progress is not None:
-            sid = task.session
-            progress = lambda step, loss: self.progress(sid, step, loss)  # noqa: E731
-        return run_chunks(self, session, live, hb, _Either(self.stop_flag, hb.stop), progress)
+        return run_chunks(self, session, live, hb, _Either(self.stop_flag, hb.stop),
+                          self.progress_of(task.session))
+
+    def progress_of(self, session_id: str) -> Callable[[int, float], None] | None:
+        """The Trainer's progress(step, loss) reporting to `self.progress` for a session."""
+        report = self.progress
+        if report is None:
+            return None
+        return lambda step, loss: report(session_id, step, loss)
 
     def _commit(
         self, doc: dict[str, Any], task: Task, reached: int, *, keep_lease: bool = False
@@ -277,82 +279,6 @@ class Engine:
             {"token": task.token, "lease.worker": self.worker},
             {"lease": None, "attempts": max(0, int(doc.get("attempts", 1)) - 1)},
         )
-
-    # --- Train on several devices (ptutils.group) -------------------------------------
-    def _train_group(self, doc: dict[str, Any], task: Task, hb: _Heartbeat) -> Outcome:
-        """Train[start, stop) of a world_size > 1 session on rank processes supervised
-        here; rank 0 writes the statistics and the one checkpoint, this commits it."""
-        from ptutils.group.supervisor import run_group
-
-        self._warm = None
-        plan = plan_of(doc)
-        for n in pending_eval_steps(doc, task.start):  # the ranks deliver them
-            if not self.store.query_statistics(doc["_id"], phase="eval", step_min=n, step_max=n):
-                self._unlease_waiting(doc, task)
-                return Outcome(task, False, f"waiting for Eval({n})", retry_after=1.0)
-        owner = f"{task.session}:{self.worker}"
-        devices = self.slots.acquire(plan.world_size, owner)
-        if devices is None:
-            self._unlease_waiting(doc, task)
-            return Outcome(task, False, f"waiting for {plan.world_size} free device slots",
-                           retry_after=SLOTS_RETRY_S)
-        try:
-            self.store.cas_session(
-                task.session,
-                {"token": task.token, "lease.worker": self.worker},
-                {"lease.devices": list(devices)},
-            )
-            self.store.delete_statistics(task.session, after_step=task.start)
-            progress = None
-            if self.progress is not None:
-                sid = task.session
-                progress = lambda step, loss: self.progress(sid, step, loss)  # noqa: E731
-            result = run_group(
-                self.store_url or self.store.url,
-                doc,
-                task,
-                devices=devices,
-                stop_flag=self.stop_flag,
-                lease_lost=lambda: hb.lost,
-                progress=progress,
-                hang_timeout=self.hang_timeout,
-            )
-        finally:
-            self.slots.release(owner)
-        if hb.lost:
-            return Outcome(task, False, "lease lost during the chunk; work discarded")
-        if not result.ok:
-            return self._group_failed(doc, task, result)
-        if result.stop_reason:
-            return self._finish_early(doc, task, None, result.stop_reason)
-        reached = int(result.reached or task.start)
-        if reached == task.start:
-            self._release(task)
-            return Outcome(
-                task, False, "stopped before the first step", step=reached, successors=[task]
-            )
-        new = self._commit(doc, task, reached)
-        if new is None:
-            return Outcome(task, False, "fenced out at commit (another worker took over)")
-        return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
-
-    def _group_failed(self, doc: dict[str, Any], task: Task, result: Any) -> Outcome:
-        """A rank's own error fails the session (a corrupt checkpoint rolls it back); a
-        failure of the group (a rank killed or hung) is retried from the checkpoint at
-        the chunk's start: the attempt counts (session.max_attempts)."""
-        err = result.error
-        if err is not None:
-            kinds = {"CheckpointCorrupt": CheckpointCorrupt, "CheckpointNotFound": CheckpointNotFound}
-            if err["type"] in kinds:
-                return self._roll_back(doc, task, task.start, kinds[err["type"]](err["message"]))
-            exc = GroupError(f"{err['type']}: {err['message']}")
-            exc.remote_traceback = err.get("traceback", "")
-            return self._fail(doc, task, exc)
-        log.warning("%s: the group failed (%s); retrying from step %d", task, result.reason,
-                    task.start)
-        self._release(task)
-        return Outcome(task, False, f"group failed: {result.reason}; retrying from step "
-                       f"{task.start}", step=task.start, retry_after=1.0)
 
     def _eval_missing(self, doc: dict[str, Any], start: int) -> int | None:
         """The latest Eval step a chunk from `start` needs, if its result is not in yet."""
@@ -659,12 +585,6 @@ def check_resize(session: Session, doc: dict[str, Any], step: int) -> None:
         "skipped or repeated), or set session.world_size back to "
         f"{saved}."
     )
-
-
-class GroupError(PtutilsError):
-    """A rank of a group session failed with an error of the session's own."""
-
-    remote_traceback = ""
 
 
 def _session_of(doc: dict[str, Any]) -> Session:

@@ -14,10 +14,7 @@ outcome is unknown checks whether it applied.
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
-import math
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -25,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pymongo
 from bson import Binary
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ptutils import codec
 from ptutils.errors import (
@@ -47,6 +44,7 @@ from ptutils.store.base import (
     new_id,
 )
 from ptutils.store.curves import Curve
+from ptutils.store.mongo_clock import ServerClock
 from ptutils.store.mongo_fields import (
     decode_metrics,
     doc_key,
@@ -56,7 +54,7 @@ from ptutils.store.mongo_fields import (
     match,
     plain,
 )
-from ptutils.store.mongo_retry import Retry, is_duplicate, is_transient, log, redact_url
+from ptutils.store.mongo_retry import Retry, is_duplicate, is_transient, redact_url
 from ptutils.store.mongo_segments import SegmentStore
 from ptutils.store.mongo_stats import StatisticBuckets, summary_ops, trim_summary_ops
 from ptutils.store.summary import summarize
@@ -65,9 +63,6 @@ __all__ = ["DEFAULT_DB", "GC_GRACE_S", "MongoStore", "is_transient", "redact_url
 
 DEFAULT_DB = "ptutils"
 """Database used when the URL names none."""
-
-CLOCK_REFRESH_S = 60.0
-"""How often `now()` asks the server for its time again (it keeps the offset between)."""
 
 _COMMIT_ATTEMPTS = 4
 _CKPT_RESERVED = frozenset(
@@ -116,9 +111,6 @@ class MongoStore(Store):
     ) -> None:
         """`clock_skew` (seconds) offsets this client's own clock: a test hook that plays
         a machine whose clock is wrong; `now()` still tells the server's time."""
-        self._skew = float(clock_skew)
-        self._offset: float | None = None
-        self._offset_at = -math.inf
         self._retry = Retry(url, retry_seconds)
         self.url, self.retry_seconds = self._retry.url, self._retry.seconds
         try:
@@ -130,6 +122,7 @@ class MongoStore(Store):
                 f"cannot open MongoDB at {self.url}: {self._retry.scrub(str(exc))}"
             ) from None
         self.db = self.client[db or _db_name(url)]
+        self._clock = ServerClock(self.db, self._retry, self.url, clock_skew)
         self.bucket_name = bucket
         self._sessions = self.db["sessions"]
         self._ckpts = self.db["checkpoints"]
@@ -176,43 +169,8 @@ class MongoStore(Store):
 
     # --- clock -----------------------------------------------------------------------
     def now(self) -> float:
-        """The server's clock: this client's clock plus the offset measured with `hello`
-        (`localTime`), measured again every CLOCK_REFRESH_S. No round trip otherwise."""
-        mono = time.monotonic()
-        if self._offset is None or mono - self._offset_at > CLOCK_REFRESH_S:
-            self._refresh_offset(mono)
-        return self._local_time() + (self._offset or 0.0)
-
-    def _local_time(self) -> float:
-        return time.time() + self._skew
-
-    def _refresh_offset(self, mono: float) -> None:
-        """Measure the offset; on a failure keep the last one (if any) and try later."""
-        if self._offset is None:
-            self._offset = self._retry("reading the server's clock", lambda _: self._measure())
-        else:
-            try:
-                self._offset = self._measure()
-            except PyMongoError as exc:
-                log.warning("reading the server's clock failed (%s); keeping the last offset",
-                            self._retry.scrub(str(exc)))
-        self._offset_at = mono
-
-    def _measure(self) -> float:
-        """Server time minus local time, at the midpoint of one `hello` round trip."""
-        before = self._local_time()
-        try:
-            reply = self.db.command("hello")
-        except OperationFailure:  # servers before MongoDB 4.4.2 know only isMaster
-            reply = self.db.command("isMaster")
-        after = self._local_time()
-        server = reply.get("localTime")
-        if not isinstance(server, _dt.datetime):
-            log.warning("MongoDB at %s reports no localTime; leases use this machine's clock",
-                        self.url)
-            return 0.0
-        stamp = server if server.tzinfo else server.replace(tzinfo=_dt.UTC)
-        return stamp.timestamp() - (before + after) / 2
+        """The server's clock (mongo_clock.py): no round trip but once a minute."""
+        return self._clock.now()
 
     # --- sessions --------------------------------------------------------------------
     def create_session(self, doc: dict[str, Any]) -> dict[str, Any]:
