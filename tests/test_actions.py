@@ -75,7 +75,10 @@ def mid_chunk(store: MongoStore, sid: str, worker: cluster.Worker) -> dict[str, 
 
 def test_paused_session_stops_then_resumes_and_a_cancelled_one_requeues_bit_identical(
         tmp_path, redis_db, store_uri, workers, reference):
-    worker = workers("w1", redis_db, store_uri, step_seconds=0.1)
+    # Slow steps after step 20 only: a session is paused or cancelled mid-chunk after its
+    # first commit; Train[0,20) goes at full speed.
+    worker = workers("w1", redis_db, store_uri, step_seconds=0.1,
+                     env={"PTUTILS_TEST_SLOW_FROM": "20"})
     app = make_app(redis_db)
     with MongoStore(store_uri) as store:
         [sid] = submit_configs(store, redis_db, tmp_path / "cfg", 1, name="pausing")

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import subprocess
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -39,7 +40,7 @@ from ptutils.slots import (
 from ptutils.store import open_store
 from ptutils.store.base import new_session_doc
 from tests.helpers import digits_config
-from tests.test_workers import FIXTURES, Worker, ptutils, wait_for
+from tests.test_workers import FIXTURES, PY, ROOT, Worker, ptutils, stop_all, wait_for
 from workers.app import make_app
 from workers.dispatch import queue_depth, reconciler
 from workers.launcher import WorkerOptions, child_command, child_env, node_slots, plan_slots
@@ -338,9 +339,7 @@ def test_a_one_slot_worker_leaves_a_two_rank_session_to_a_two_slot_worker(
         wait_for(lambda: queue_depth(app, "train-x2") == 0, 10, "the message taken")
         assert "ptutils.train[" not in small.log
     finally:
-        small.stop()
-        if big is not None:
-            big.stop()
+        stop_all([small] + ([big] if big is not None else []))
 
 
 # --- status -----------------------------------------------------------------------------
@@ -387,10 +386,14 @@ def test_a_four_slot_node_runs_one_two_rank_and_two_one_rank_sessions_at_once(
     runs = str(tmp_path / "runs")
     store = open_store(runs)
     slot_dir = tmp_path / "node"
+    hold = tmp_path / "slow-steps"  # steps are slow while it exists (SlowSteps)
+    hold.touch()
     node = Worker("node", redis_url, runs, tmp_path / "w", "--slots", "4",
-                  env={"PTUTILS_SLOTS_DIR": str(slot_dir)}, step_seconds=0.05).wait_ready()
+                  env={"PTUTILS_SLOTS_DIR": str(slot_dir), "PTUTILS_TEST_SLOW_WHILE": str(hold)},
+                  step_seconds=0.05).wait_ready()
     # One chunk per session, so no session lets go of its slots between chunks; the
-    # one-rank sessions train 15 s, over the whole life of the pair (5 s + its start).
+    # one-rank sessions train 15 s, over the whole life of the pair (5 s + its start),
+    # until the three were seen running at once: then the steps go at full speed.
     sizes = {"pair": (2, 100), "one": (1, 300), "two": (1, 300)}
     try:
         ids = {}
@@ -416,6 +419,7 @@ def test_a_four_slot_node_runs_one_two_rank_and_two_one_rank_sessions_at_once(
             return False
 
         wait_for(all_running, 120, "the three sessions to run at once", alive=node)
+        hold.unlink()
         held = seen["held"]
         assert sorted(k.rpartition("/")[2] for k in held) == ["cpu0", "cpu1", "cpu2", "cpu3"]
         owners = sorted(v["owner"] for v in held.values())
@@ -432,25 +436,37 @@ def test_a_four_slot_node_runs_one_two_rank_and_two_one_rank_sessions_at_once(
 def test_two_rank_session_preempted_on_one_worker_ends_bit_identical_on_another(
         tmp_path, redis_url):
     pytest.importorskip("ptutils.group")
+    # Chunks of 60 steps at 0.1 s: SIGTERM lands mid-chunk even on a loaded machine.
+    steps = {"total_steps": 120, "chunk_steps": 60, "eval_every": 60}
+    path = _config(tmp_path, **steps)
+    # The reference `ptutils run` (its own store, no slow steps) runs meanwhile.
+    ref = subprocess.Popen(
+        [PY, "-m", "orchestrator.cli", "run", str(path), "--set", "session.world_size=2",
+         "--name", "ref", "--store", str(tmp_path / "ref"), "-q"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        _preempt_on_a_then_finish_on_b(tmp_path, redis_url, steps, ref)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+        ref.communicate()
+
+
+def _preempt_on_a_then_finish_on_b(tmp_path: Path, redis_url: str, steps: dict[str, int],
+                                   ref: subprocess.Popen[str]) -> None:
     from ptutils.group import GroupFiles
     from tests.helpers import assert_bit_identical
 
     app = make_app(redis_url)
     runs = str(tmp_path / "runs")
     store = open_store(runs)
-    # Chunks of 60 steps at 0.1 s: SIGTERM lands mid-chunk even on a loaded machine.
-    steps = {"total_steps": 120, "chunk_steps": 60, "eval_every": 60}
-    path = _config(tmp_path, **steps)
-    ref = ptutils("run", str(path), "--set", "session.world_size=2", "--name", "ref",
-                  "--store", str(tmp_path / "ref"), "-q", timeout=300)
-    assert ref.returncode == 0, ref.stderr
-    with open_store(tmp_path / "ref") as refs:
-        doc = refs.get_session("ref")
-        expected = refs.load_state(refs.get_checkpoint(doc["_id"]))
     groups = tmp_path / "tmp-a"  # the supervisor's group folders (heartbeats) live here
     groups.mkdir()
+    # Only the steps of Train[60,120) are slow: the first chunk goes at full speed.
     a = Worker("a", redis_url, runs, tmp_path / "w", "--slots", "2",
-               env={"PTUTILS_SLOTS_DIR": str(tmp_path / "node-a"), "TMPDIR": str(groups)},
+               env={"PTUTILS_SLOTS_DIR": str(tmp_path / "node-a"), "TMPDIR": str(groups),
+                    "PTUTILS_TEST_SLOW_FROM": "60"},
                step_seconds=0.1)
     a.wait_ready()
     (s,) = submit(store, app, prepared(tmp_path, 2, "pair", **steps))
@@ -471,6 +487,11 @@ def test_two_rank_session_preempted_on_one_worker_ends_bit_identical_on_another(
     try:
         wait_for(lambda: store.get_session(s.session)["status"] == "completed", 180,
                  "the session to finish on b", alive=b)
+        _, err = ref.communicate(timeout=300)
+        assert ref.returncode == 0, err
+        with open_store(tmp_path / "ref") as refs:
+            doc = refs.get_session("ref")
+            expected = refs.load_state(refs.get_checkpoint(doc["_id"]))
         final = store.get_session(s.session)
         assert_bit_identical(expected, store.load_state(store.get_checkpoint(final["_id"])))
     finally:

@@ -201,15 +201,24 @@ class Worker:
             os.killpg(self.proc.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.kill(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if self in _live:
-            _live.remove(self)
+        stop_all([self])
+
+
+def stop_all(workers: list[Worker]) -> None:
+    """SIGTERM every worker still running, then wait for each (SIGKILL after 30 s): the
+    warm shutdowns of several workers go on at the same time."""
+    running = [w for w in workers if w.proc.poll() is None]
+    for w in running:
+        w.kill(signal.SIGTERM)
+    for w in running:
+        try:
+            w.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.kill(signal.SIGKILL)
+            w.proc.wait(timeout=10)
+    for w in workers:
+        if w in _live:
+            _live.remove(w)
 
 
 @pytest.fixture
@@ -223,8 +232,7 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         return w
 
     yield make
-    for w in started:
-        w.stop()
+    stop_all(started)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, *,
@@ -309,8 +317,13 @@ def test_sweep_of_three_sessions_on_two_workers_matches_ptutils_run(
 
 def test_sigkill_mid_chunk_continues_on_the_other_worker(
         tmp_path, redis_db, store_uri, workers, reference):
-    a = workers("a", redis_db, store_uri, step_seconds=0.1).wait_ready()
-    b = workers("b", redis_db, store_uri, step_seconds=0.1).wait_ready()
+    # Slow steps in Train[20,40) only, and only until the victim is killed: the chunk
+    # before it and the continuation on the other worker go at full speed.
+    hold = tmp_path / "slow-steps"
+    hold.touch()
+    slow = {"PTUTILS_TEST_SLOW_FROM": "20", "PTUTILS_TEST_SLOW_WHILE": str(hold)}
+    a = workers("a", redis_db, store_uri, step_seconds=0.1, env=slow).wait_ready()
+    b = workers("b", redis_db, store_uri, step_seconds=0.1, env=slow).wait_ready()
     with MongoStore(store_uri) as store:
         (sid,) = submit_configs(store, redis_db, tmp_path, 1)
 
@@ -324,6 +337,7 @@ def test_sigkill_mid_chunk_continues_on_the_other_worker(
         victim.kill(signal.SIGKILL)
         killed = time.monotonic()
         victim.proc.wait(timeout=10)
+        hold.unlink()
         taken = wait_for(lambda: other.owns(store.get_session(sid).get("lease")),
                          LEASE_TTL + 5, "the other worker to take the session over")
         assert taken and time.monotonic() - killed <= LEASE_TTL + 5
@@ -335,7 +349,8 @@ def test_sigkill_mid_chunk_continues_on_the_other_worker(
 
 def test_sigterm_checkpoints_the_current_step_and_requeues(
         tmp_path, redis_db, store_uri, workers, reference):
-    a = workers("a", redis_db, store_uri, step_seconds=0.1).wait_ready()
+    a = workers("a", redis_db, store_uri, step_seconds=0.1,  # slow from Train[20,40) on
+                env={"PTUTILS_TEST_SLOW_FROM": "20"}).wait_ready()
     with MongoStore(store_uri) as store:
         (sid,) = submit_configs(store, redis_db, tmp_path, 2)
         wait_for(lambda: store.get_session(sid)["step"] == 20 and a.last_step() >= 25, 60,
@@ -579,12 +594,13 @@ def test_celery_inspect_active_lists_the_running_train_task(
         wait_for(lambda: a.owns(store.get_session(sid).get("lease")), 60, "a running chunk",
                  alive=a)  # Train[0,20) takes 10 s
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PTUTILS_BROKER": redis_db}
+        node = f"a-cpu0@{socket.gethostname()}"
+        # Asked of this node only: the command returns with its reply, not after --timeout.
         out = subprocess.run([PY, "-m", "celery", "-A", "workers.app", "inspect", "active",
-                              "--json", "--timeout", "5"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60)
+                              "--json", "--timeout", "5", "--destination", node], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         replies = json.loads(out.stdout)
-        node = f"a-cpu0@{socket.gethostname()}"
         active = replies[node]
         assert [t["name"] for t in active] == ["ptutils.train"]
         assert active[0]["kwargs"]["session"] == sid and active[0]["kwargs"]["start"] == 0

@@ -5,6 +5,10 @@ per step, set on the test's worker processes only) and records the last step it 
 in $PTUTILS_TEST_PROGRESS/<pid>, so a test can kill a worker in the middle of a chunk
 and know where it was. It has no state and draws no random numbers: a reference
 `ptutils run` of the same config, without the variables, computes the same numbers.
+Two more variables narrow down which steps are slow, so a test waits only where it
+needs slow steps: $PTUTILS_TEST_SLOW_FROM=N slows only the steps after step N (e.g. the
+chunk a worker is to be stopped in), and $PTUTILS_TEST_SLOW_WHILE=PATH slows steps only
+while the file PATH exists (the test deletes it once it saw what it waited for).
 
 `KillWorkerAt(step)` SIGKILLs the process that runs `step`, on every attempt (a task
 that always kills its worker: the poison case).
@@ -22,11 +26,14 @@ from ptutils.registry import register
 
 STEP_SECONDS_ENV = "PTUTILS_TEST_STEP_SECONDS"
 PROGRESS_ENV = "PTUTILS_TEST_PROGRESS"
+SLOW_FROM_ENV = "PTUTILS_TEST_SLOW_FROM"
+SLOW_WHILE_ENV = "PTUTILS_TEST_SLOW_WHILE"
 
 
 @register
 class SlowSteps(Callback):
-    """Record the step reached, then sleep $PTUTILS_TEST_STEP_SECONDS per logged step."""
+    """Record the step reached, then sleep $PTUTILS_TEST_STEP_SECONDS per logged step
+    (only steps after $PTUTILS_TEST_SLOW_FROM, only while $PTUTILS_TEST_SLOW_WHILE exists)."""
 
     def on_log(self, step: int, losses: Sequence[tuple[int, float]]) -> None:
         folder = os.environ.get(PROGRESS_ENV)
@@ -36,8 +43,13 @@ class SlowSteps(Callback):
                 f.write(str(step))
             os.replace(f"{path}.tmp", path)
         delay = float(os.environ.get(STEP_SECONDS_ENV) or 0)
-        if delay:
-            time.sleep(delay * len(losses))
+        if not delay:
+            return
+        after = int(os.environ.get(SLOW_FROM_ENV) or 0)
+        slow = sum(1 for s, _ in losses if s > after)
+        hold = os.environ.get(SLOW_WHILE_ENV)
+        if slow and (not hold or os.path.exists(hold)):
+            time.sleep(delay * slow)
 
 
 @register
