@@ -77,6 +77,7 @@ def train_group(engine: Engine, doc: dict[str, Any], task: Task, hb: Any) -> Out
         return Outcome(task, False, "fenced out at commit (another worker took over)")
     return Outcome(task, True, "ok", step=reached, successors=next_tasks(new))
 
+
 def _group_failed(engine: Engine, doc: dict[str, Any], task: Task, result: Any) -> Outcome:
     """A rank's own error fails the session (a corrupt checkpoint rolls it back); a
     failure of the group (a rank killed or hung) is retried from the checkpoint at

@@ -140,7 +140,7 @@ class SegmentFiles:
         folder = self.path(seg.hash).parent
         if folder not in self._ready:  # once per folder for this object, not per segment
             folder.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(folder, None)
+            _remove_stale_temps(folder)
             self._ready.add(folder)
         tmp = folder / f".{seg.hash}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -205,7 +205,7 @@ class SegmentFiles:
 
     def remove_stale_temps(self, cutoff: float) -> int:
         """Remove temp files whose writer died or that were last touched before `cutoff`."""
-        return sum(_remove_stale_temps(folder, None, cutoff) for folder in self._subfolders())
+        return sum(_remove_stale_temps(folder, cutoff) for folder in self._subfolders())
 
     def older_than(self, cutoff: float) -> list[str]:
         """Digests of the segment files last modified before `cutoff`."""
@@ -332,13 +332,12 @@ def _mtime(path: Path) -> float:
         return math.inf
 
 
-def _remove_stale_temps(folder: Path, digest: str | None, cutoff: float | None = None) -> int:
-    """Remove temp files (of `digest`, or all) whose writer died or that are too old."""
+def _remove_stale_temps(folder: Path, cutoff: float | None = None) -> int:
+    """Remove the temp files in `folder` whose writer died or that are too old."""
     cutoff = time.time() - STALE_TEMP_S if cutoff is None else cutoff
-    prefix = f".{digest}." if digest else "."
     removed = 0
-    with os.scandir(folder) as entries:  # not Path.glob: that compiles a pattern per call
-        names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries]
     for name in names:
         m = _TEMP_RE.match(name)
         if m is None:
