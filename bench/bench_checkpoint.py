@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bench.bench_store import nx_server
-from bench.bench_trainer import PlainLoop, _config, _plain_loop
+from bench.bench_trainer import PlainLoop, _config, _plain_loop, session_data
 from bench.harness import Goal, compare, report
 from ptutils.ckpt_writer import CheckpointWriter, HostSnapshot
 from ptutils.engine import Engine
@@ -153,8 +153,8 @@ def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
     Lock step: every `BLOCK` steps (at a log point) the Engine's progress callback runs
     `BLOCK` steps of the plain loop, timed apart, so the two see the same moments of a
     shared machine; skipped while a background write is running, so that the write's
-    cost lands on the Engine's side only. The plain loop steps the session's own network
-    and optimizer, so both time the same tensors in memory."""
+    cost lands on the Engine's side only. The plain loop steps the session's own network,
+    optimizer and data tensors, so both time the same tensors in memory."""
     from ptutils.rng import get_rng_state
 
     inside, plain_steps = [0.0], [0]
@@ -205,7 +205,8 @@ def _engine_ratio(quick: bool) -> tuple[dict[str, Any], Goal]:
     ratios = []
     for _ in range(rounds):
         sessions = [Session.create(_chunked(steps, steps // 5))]
-        plain = PlainLoop(x, y, sessions[0].trainer.model)  # steps the Engine's network
+        # steps the Engine's own network, optimizer and data tensors (the same memory)
+        plain = PlainLoop(*session_data(sessions[0]), sessions[0].trainer.model)
         gc.collect()
         engine_step, plain_step = _engine_task(steps, steps // 5, sessions, plain)
         ratios.append(engine_step / plain_step)

@@ -87,6 +87,19 @@ class PlainLoop:
         return self.last
 
 
+def session_data(session: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train tensors a session's DataProvider indexes (loaded if not yet), for a
+    plain loop that steps the same memory as the Trainer: two copies of the same data at
+    different addresses index 1-2% faster or slower than each other on this machine, by
+    where they landed (tests of 80 lock-step blocks), which is not ptutils' doing."""
+    data = session.trainer.data
+    stream = data._streams[0]
+    if stream.columns is None:
+        data._attach(stream)
+    columns = dict(stream.columns)
+    return columns["x"], columns["y"]
+
+
 def _plain_loop(steps: int, x: torch.Tensor, y: torch.Tensor) -> float:
     return PlainLoop(x, y).run(steps)
 
@@ -144,13 +157,13 @@ def run(quick: bool = False) -> dict:
 
     def pooled(shared: bool) -> list[float]:
         """Block ratios pooled over `pairs` fresh pairs of loops. `shared`: the plain loop
-        steps the Trainer's own network and optimizer (the two differ only in the code
-        around the step); else a second plain loop, built apart (the control)."""
+        steps the Trainer's own network, optimizer and data tensors (the two differ only
+        in the code around the step); else a second plain loop, built apart (the control)."""
         out = []
         for _ in range(pairs):
             trainer = TrainerLoop(blocks * block + 100)
             model = trainer.session.trainer.model
-            a = PlainLoop(x, y, model).run
+            a = PlainLoop(*session_data(trainer.session), model).run
             b = trainer.run if shared else PlainLoop(x, y).run
             a(100), b(100)  # warm-up
             out += lock_step(a, b, blocks, block)

@@ -504,7 +504,7 @@ class LocalStore(Store):
         """Upsert points on (session, phase, step, name) and fold them into the session's
         `summary` (ptutils.store.summary), in one transaction."""
         points = list(points)
-        rows = [db.stat_row(session_id, p) for p in points]
+        rows = db.stat_rows(session_id, points)
         if rows:
             batch = summary.summarize(points)
             with self._db.write() as conn:

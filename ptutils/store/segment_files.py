@@ -87,47 +87,59 @@ class SegmentFiles:
         self.syncs = 0
         """Sync calls (syncfs or fsync) made by this object's writes."""
         self._direct = bool(_O_DIRECT)
-        self._ready: set[Path] = set()
+        self._root = str(folder)
+        self._ready: set[str] = set()
         """Subfolders made, and cleared of dead writers' temp files, by this object."""
 
     def path(self, digest: str, where: str = "") -> Path:
         """Where the segment `digest` lives; `CheckpointCorrupt` for a name that is no hash."""
+        return Path(self._file(digest, where))
+
+    def _file(self, digest: str, where: str = "") -> str:
+        """`path` as a string (the write path makes a few per segment: no Path objects)."""
         if not _HASH_RE.match(digest):
             raise CheckpointCorrupt(f"{where or 'checkpoint'}: invalid segment name {digest!r}")
-        return self.folder / digest[:2] / digest
+        return f"{self._root}/{digest[:2]}/{digest}"
 
     def missing(self, segments: Iterable[Segment]) -> list[Segment]:
         """The segments with no complete file on disk."""
-        return [s for s in segments if not _present(self.path(s.hash), s.nbytes)]
+        return [s for s in segments if not _present(self._file(s.hash), s.nbytes)]
 
     def write_missing(self, segments: Iterable[Segment]) -> int:
         """Write every segment not already present, durably; returns the bytes written."""
-        todo = list({s.hash: s for s in segments if not _present(self.path(s.hash), s.nbytes)}
-                    .values())
+        todo: dict[str, tuple[Segment, str]] = {}
+        for seg in segments:
+            if seg.hash not in todo:
+                final = self._file(seg.hash)
+                if not _present(final, seg.nbytes):
+                    todo[seg.hash] = (seg, final)
         if not todo:
             return 0
-        temps: list[Path] = []
+        jobs = list(todo.values())
+        temps: list[str] = []
+        renamed = 0
         try:
-            if len(todo) == 1 or sum(seg.nbytes for seg in todo) < PARALLEL_MIN:
-                for seg in todo:
-                    temps.append(self._write_temp(seg))
+            if len(jobs) == 1 or sum(seg.nbytes for seg, _ in jobs) < PARALLEL_MIN:
+                for seg, final in jobs:
+                    temps.append(self._write_temp(seg, final))
             else:
-                with ThreadPoolExecutor(min(WRITE_THREADS, len(todo))) as pool:
-                    futures = [pool.submit(self._write_temp, seg) for seg in todo]
+                with ThreadPoolExecutor(min(WRITE_THREADS, len(jobs))) as pool:
+                    futures = [pool.submit(self._write_temp, seg, final) for seg, final in jobs]
                 errors = [f.exception() for f in futures if f.exception() is not None]
                 temps.extend(f.result() for f in futures if f.exception() is None)
                 if errors:
                     raise errors[0]
             self._barrier(temps)  # the data is on disk before any final name exists
-            for tmp, seg in zip(temps, todo, strict=True):
-                os.replace(tmp, self.path(seg.hash))
-            self._barrier(sorted({self.path(seg.hash).parent for seg in todo}), dirs=True)
+            for tmp, (_, final) in zip(temps, jobs, strict=True):
+                os.replace(tmp, final)
+                renamed += 1
+            self._barrier(sorted({os.path.dirname(final) for _, final in jobs}), dirs=True)
         except OSError as exc:
             raise StoreError(f"cannot write segments under {self.folder}: {exc}") from exc
         finally:
-            for tmp in temps:
-                tmp.unlink(missing_ok=True)
-        return sum(seg.nbytes for seg in todo)
+            for tmp in temps[renamed:]:  # a renamed temp is gone: no failing unlink for it
+                _unlink(tmp)
+        return sum(seg.nbytes for seg, _ in jobs)
 
     def write(self, seg: Segment) -> None:
         """Write one segment durably (see `write_missing`)."""
@@ -135,19 +147,19 @@ class SegmentFiles:
         path.unlink(missing_ok=True)  # rewrite a damaged copy
         self.write_missing([seg])
 
-    def _write_temp(self, seg: Segment) -> Path:
-        """The segment in a verified temp file next to its final name (not yet synced)."""
-        folder = self.path(seg.hash).parent
+    def _write_temp(self, seg: Segment, final: str) -> str:
+        """The segment in a verified temp file next to its `final` name (not yet synced)."""
+        folder = os.path.dirname(final)
         if folder not in self._ready:  # once per folder for this object, not per segment
-            folder.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(folder)
+            os.makedirs(folder, exist_ok=True)
+            _remove_stale_temps(Path(folder))
             self._ready.add(folder)
-        tmp = folder / f".{seg.hash}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = f"{folder}/.{seg.hash}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             try:
                 digest, nbytes = self._write_file(tmp, seg)
             except FileNotFoundError:  # the folder was removed since (by hand): again
-                folder.mkdir(parents=True, exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
                 digest, nbytes = self._write_file(tmp, seg)
             if (digest, nbytes) != (seg.hash, seg.nbytes):
                 raise StoreError(
@@ -156,11 +168,11 @@ class SegmentFiles:
                     "state changed while it was being saved"
                 )
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
         return tmp
 
-    def _write_file(self, tmp: Path, seg: Segment) -> tuple[str, int]:
+    def _write_file(self, tmp: str, seg: Segment) -> tuple[str, int]:
         """Write the segment's bytes to `tmp` (direct I/O where the filesystem takes it);
         returns the xxh3_128 digest and length of the bytes written."""
         if self._direct and seg.nbytes >= DIRECT_MIN:
@@ -172,7 +184,7 @@ class SegmentFiles:
                 self._direct = False  # no O_DIRECT here: buffered writes from now on
         return _write_segment(tmp, seg, direct=False)
 
-    def _barrier(self, paths: list[Path], *, dirs: bool = False) -> None:
+    def _barrier(self, paths: list[str], *, dirs: bool = False) -> None:
         """Make `paths` (and, with `dirs`, the entries in those folders) durable: one
         `syncfs` of the store's filesystem, else an fsync of each path."""
         if _syncfs(self.folder):
@@ -220,12 +232,19 @@ class SegmentFiles:
         return sorted(p for p in self.folder.iterdir() if p.is_dir())
 
 
-def _present(path: Path, nbytes: int) -> bool:
+def _present(path: str, nbytes: int) -> bool:
     """A complete segment file: at its final name with the right size (temps never count)."""
     try:
-        return path.stat().st_size == nbytes
+        return os.stat(path).st_size == nbytes
     except FileNotFoundError:
         return False
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 _FREE_BUFFERS: list[memoryview] = []
@@ -247,7 +266,7 @@ def _give_buffer(buf: memoryview) -> None:
             _FREE_BUFFERS.append(buf)
 
 
-def _write_segment(path: Path, seg: Segment, *, direct: bool) -> tuple[str, int]:
+def _write_segment(path: str, seg: Segment, *, direct: bool) -> tuple[str, int]:
     """Copy the segment block by block into this thread's buffer, hash the copy, write it.
 
     With `direct`, the file is opened with O_DIRECT: every write is a whole number of
@@ -291,7 +310,7 @@ def _file_digest(path: Path) -> tuple[str, int]:
     return hasher.hexdigest(), total
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

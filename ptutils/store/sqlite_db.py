@@ -368,18 +368,23 @@ def is_referenced(conn: sqlite3.Connection, digest: str) -> bool:
 # --- statistics -----------------------------------------------------------------------
 def stat_row(session_id: str, point: Any) -> tuple[Any, ...]:
     """A statistics row; non-finite values go in `special` (SQLite stores NaN as NULL)."""
-    p = point if isinstance(point, StatPoint) else StatPoint(*point)
-    value = float(p.value)
-    finite = math.isfinite(value)
-    return (
-        session_id,
-        as_text(p.phase),
-        int(p.step),
-        p.name,
-        value if finite else None,
-        None if finite else repr(value),
-        float(p.time),
-    )
+    return stat_rows(session_id, [point])[0]
+
+
+def stat_rows(session_id: str, points: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """`stat_row` of each point, in one pass (a chunk writes hundreds: this runs in the
+    checkpoint writer's thread, beside training, so it does no more than it must)."""
+    rows = []
+    append, isfinite = rows.append, math.isfinite
+    for point in points:
+        p = point if isinstance(point, StatPoint) else StatPoint(*point)
+        phase = p.phase if type(p.phase) is str else as_text(p.phase)
+        value = float(p.value)
+        if isfinite(value):
+            append((session_id, phase, int(p.step), p.name, value, None, float(p.time)))
+        else:
+            append((session_id, phase, int(p.step), p.name, None, repr(value), float(p.time)))
+    return rows
 
 
 def stat_doc(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -52,14 +52,15 @@ def summarize(points: Iterable[Any]) -> BatchSummary:
     train: tuple[int, float] | None = None
     evals: dict[int, dict[str, float]] = {}
     newest: float | None = None
-    for p in points:
-        phase, step = str(plain(p.phase)), int(p.step)
+    for p in points:  # hundreds per chunk, in the checkpoint writer's thread: kept lean
+        phase, step = p.phase if type(p.phase) is str else str(plain(p.phase)), int(p.step)
         if phase == "train" and p.name == TRAIN_METRIC and (train is None or step >= train[0]):
             train = (step, float(p.value))
         elif phase == "eval":
             evals.setdefault(step, {})[str(p.name)] = float(p.value)
         at = float(p.time)
-        newest = at if newest is None else max(newest, at)
+        if newest is None or at > newest:
+            newest = at
     eval_part = None
     if evals:
         step = max(evals)
