@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}", file=sys.stderr
         )
         return 2
+    # SIGTERM (`timeout`, a CI limit) unwinds like Ctrl-C: the servers a benchmark
+    # started (nx-27017 in its own session) are stopped by their `finally`, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     passed = True
     for name in args.names or list(found):
         result = importlib.import_module(found[name]).run(quick=args.quick)
