@@ -196,6 +196,8 @@ an offset of its own (up to a few percent on this VM: where the allocator put th
 loops' batches and temporaries), which more rounds in the same process do not average
 out; the row is the median over rounds from several processes."""
 
+ROUNDS_PER_PROCESS = 4
+
 
 def _engine_rounds(rounds: int, steps: int) -> list[float]:
     """`rounds` Engine tasks of 5 chunks vs the plain loop in lock step, in this process:
@@ -228,7 +230,7 @@ def _engine_ratio(quick: bool) -> tuple[dict[str, Any], Goal]:
         per_process = [_engine_rounds(2, steps)]
     else:
         code = ("import json; from bench.bench_checkpoint import _engine_rounds; "
-                f"print(json.dumps(_engine_rounds(4, {steps})))")
+                f"print(json.dumps(_engine_rounds({ROUNDS_PER_PROCESS}, {steps})))")
         root = Path(__file__).resolve().parent.parent
         per_process = []
         for _ in range(ENGINE_PROCESSES):

@@ -81,7 +81,7 @@ CKPT_KEY = "session = ? AND step = ? AND kind = ?"
 """Selects one checkpoint's rows (in `checkpoints` and `segment_refs`) by its key."""
 
 STAT_COLUMNS = "session, phase, step, name, value, special, time"
-"""The statistics columns `stat_row` writes and `stat_doc` reads, in their order."""
+"""The statistics columns `stat_rows` writes and `stat_doc` reads, in their order."""
 
 
 class Database:
@@ -366,14 +366,10 @@ def is_referenced(conn: sqlite3.Connection, digest: str) -> bool:
 
 
 # --- statistics -----------------------------------------------------------------------
-def stat_row(session_id: str, point: Any) -> tuple[Any, ...]:
-    """A statistics row; non-finite values go in `special` (SQLite stores NaN as NULL)."""
-    return stat_rows(session_id, [point])[0]
-
-
 def stat_rows(session_id: str, points: Iterable[Any]) -> list[tuple[Any, ...]]:
-    """`stat_row` of each point, in one pass (a chunk writes hundreds: this runs in the
-    checkpoint writer's thread, beside training, so it does no more than it must)."""
+    """The statistics rows of the points; non-finite values go in `special` (SQLite
+    stores NaN as NULL). One lean pass: a chunk writes hundreds, in the checkpoint
+    writer's thread beside training."""
     rows = []
     append, isfinite = rows.append, math.isfinite
     for point in points:
