@@ -426,6 +426,22 @@ def test_statistics_upsert_is_idempotent(store: Store) -> None:
     assert store.write_statistics(sid, []) == 0
 
 
+def test_a_large_batch_is_written_whole_and_a_repeated_point_keeps_its_last_value(
+    store: Store,
+) -> None:
+    """A chunk's statistics go in one call: hundreds of points (several multi-row INSERTs
+    in the local store), a point repeated in the same call keeps the value given last."""
+    sid = make_session(store)["_id"]
+    points = [StatPoint("train", s, "loss", float(s), time=1.0) for s in range(1, 601)]
+    points += [StatPoint("train", s, "lr", 0.1, time=1.0) for s in range(10, 601, 10)]
+    points.append(StatPoint("train", 7, "loss", -7.0, time=2.0))  # across the batch
+    store.write_statistics(sid, points)
+    loss = store.query_statistics(sid, name="loss")
+    assert [p["step"] for p in loss] == list(range(1, 601))
+    assert [p["value"] for p in loss if p["step"] in (6, 7, 8)] == [6.0, -7.0, 8.0]
+    assert len(store.query_statistics(sid, name="lr")) == 60
+
+
 def test_delete_statistics_after_step(store: Store) -> None:
     sid, other = make_session(store)["_id"], make_session(store, "other")["_id"]
     store.write_statistics(

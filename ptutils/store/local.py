@@ -508,10 +508,8 @@ class LocalStore(Store):
         if rows:
             batch = summary.summarize(points)
             with self._db.write() as conn:
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO statistics ({db.STAT_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                    rows,
-                )
+                db.insert_many(conn, f"INSERT OR REPLACE INTO statistics ({db.STAT_COLUMNS})",
+                               rows)
                 db.summarize_grains(conn, session_id,
                                     {(r[1], r[3], r[2] // curves.GRAIN) for r in rows})
                 db.update_session_doc(conn, session_id, lambda doc: summary.apply(doc, batch))
