@@ -17,8 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ptutils.errors import ConfigError
 
 _SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -55,6 +53,8 @@ def _parse_json(text: str, path: Path) -> Any:
 
 
 def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml  # here, not at the top: `ptutils status` never reads YAML (~35 ms)
+
     try:
         return _yaml_floats(yaml.safe_load(text))
     except yaml.YAMLError as exc:
@@ -101,6 +101,8 @@ def _check_plain(value: Any, source: str, at: str = "") -> Any:
 # --- overrides and sweeps ------------------------------------------------------------
 def parse_value(raw: str) -> Any:
     """The typed value of an override's right-hand side (YAML scalar rules, else a string)."""
+    import yaml
+
     try:
         value = _yaml_floats(yaml.safe_load(raw))
         _check_plain(value, "value")

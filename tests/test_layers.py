@@ -114,5 +114,9 @@ def test_commands_that_touch_no_tensor_never_import_torch(tmp_path, mongo_uri, r
         assert "torch" not in imported, f"`ptutils {' '.join(args)}` imports torch:\n{output}"
         if args[0] in ("status", "submit"):  # numpy costs 65 ms: only curves need it
             assert "numpy" not in imported, f"`ptutils {' '.join(args)}` imports numpy"
+        if args[0] == "status" and local in args:  # ~35 ms each: configs, trust policy
+            # (pymongo imports importlib.metadata itself: the local store is the check)
+            for lazy in ("yaml", "importlib.metadata"):
+                assert lazy not in imported, f"`ptutils {' '.join(args)}` imports {lazy}"
         if args[0] == "status" and "--help" not in args:
             assert "s " in output or '"name": "s"' in output, output
