@@ -1,8 +1,8 @@
 """Checkpoints off the training path, side by side in one run (issue 12).
 
 - Stall per checkpoint: how long training waits at a chunk boundary with the background
-  writer (ptutils.ckpt_writer: host snapshot, then encode/hash/dedup/upload/commit in a
-  thread), against the host-copy time of the same State (the limit), a synchronous
+  writer (the Engine's path: a host snapshot in shared memory, then statistics, encode,
+  hash, dedup, upload and commit in the writer process, ptutils.ckpt_process), against the host-copy time of the same State (the limit), a synchronous
   `put_checkpoint`, and `torch.distributed.checkpoint.async_save` to a local folder. A
   "chunk" between checkpoints is modelled as an accelerator busy for a while (the CPU
   is free: `time.sleep`) and every tensor changed in place (so nothing deduplicates).
@@ -31,6 +31,7 @@ from torch import nn
 from bench.bench_store import nx_server
 from bench.bench_trainer import PlainLoop, _config, _plain_loop, session_data
 from bench.harness import Goal, compare, report
+from ptutils.ckpt_process import SharedSnapshot, writer_process
 from ptutils.ckpt_writer import CheckpointWriter, HostSnapshot
 from ptutils.engine import Engine
 from ptutils.protocol import TRAIN, Task
@@ -84,19 +85,31 @@ def _session(store: Store, name: str) -> str:
     return store.create_session(new_session_doc(name, {"session": {}}, "h", 10**6))["_id"]
 
 
+def _ready_writer_process() -> None:
+    proc = writer_process()
+    deadline = time.monotonic() + 60
+    while proc is not None and not proc.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _async_stalls(store: Store, state: dict[str, Any], chunks: int, chunk_s: float) -> list[float]:
-    """The Engine's boundary: wait for the previous write, snapshot, hand it over."""
-    sid, snap, writer, stalls = _session(store, f"async-{time.time_ns()}"), HostSnapshot(), \
-        CheckpointWriter(), []
-    snap.take(state)  # the buffers are allocated once per session, at its first checkpoint
+    """The Engine's boundary: wait for the previous write, snapshot into shared memory,
+    hand it to the writer process (started beforehand, as a worker's is)."""
+    sid, snap, writer, stalls = _session(store, f"async-{time.time_ns()}"), SharedSnapshot(), \
+        CheckpointWriter(store.url), []
+    _ready_writer_process()
+    snap.take(state)  # the arena is laid out once per session, at its first checkpoint
     for n in range(1, chunks + 1):
         _train_chunk(state, chunk_s)
         start = time.perf_counter()
         writer.wait()
         copy = snap.take(state)
-        writer.submit(lambda c=copy, n=n: store.put_checkpoint(sid, n, "chunk", c))
+        writer.submit_write(store, {"session": sid, "step": n, "kind": "chunk", "points": [],
+                                    "metrics": {}, "expect": {}, "update": {"meta.n": n}},
+                            copy, snap)
         stalls.append(time.perf_counter() - start)
     writer.close()
+    assert writer.process_writes == chunks, "the writes ran in a thread, not the process"
     return stalls
 
 
@@ -180,6 +193,8 @@ def _engine_task(steps: int, chunk: int, sessions: list[Any], plain: Any = None
         out = engine.train(Task(TRAIN, doc["_id"], doc["token"], 0, chunk))
         elapsed = time.perf_counter() - start - inside[0]
         assert out.ran and out.step == steps, out.reason
+        if plain is not None:  # every chunk but the last written by the writer process
+            assert engine.writer.process_writes == steps // chunk - 1, "a write ran in a thread"
         store.close()
     return elapsed / steps, inside[0] / plain_steps[0] if plain_steps[0] else 0.0
 
@@ -209,6 +224,7 @@ def _engine_rounds(rounds: int, steps: int) -> list[float]:
     warm = Session.create(_chunked(steps, steps // 5))
     _plain_loop(steps, *session_data(warm))  # warm-up: first calls, lazy imports
     _engine_task(steps, steps // 5, [warm])  # ... and the store's schema
+    _ready_writer_process()  # a worker's is started with its Engine, long before
     ratios = []
     for _ in range(rounds):
         sessions = [Session.create(_chunked(steps, steps // 5))]

@@ -27,9 +27,9 @@ How this fits the fencing of DESIGN §4 and the Celery task boundaries:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ptutils.ckpt_writer import write_checkpoint
 from ptutils.errors import StoreError
 from ptutils.plan import next_tasks, plan_of
 from ptutils.protocol import TRAIN, Task
@@ -94,14 +94,14 @@ def run_chunks(
         if more:
             state = engine.snapshot.take(state)  # the host copy: training may go on
             more = _evals_delivered(engine, session, live, reached)
-        job = partial(_write, engine, live.doc, Task(TRAIN, live.task.session, live.task.token,
-                      start, stop), reached, kind, state, stats,
-                      session.history.last("loss"), more)  # fmt: skip
+        request = _request(engine, live.doc, Task(TRAIN, live.task.session, live.task.token,
+                           start, stop), reached, kind, stats,
+                           session.history.last("loss"), more)  # fmt: skip
         if more:
-            engine.writer.submit(job)
+            engine.writer.submit_write(engine.store, request, state, engine.snapshot)
             start, stop = reached, plan.boundary_after(reached)
             continue
-        new = job()
+        new = write_checkpoint(engine.store, request, state)
         if new is None:
             engine._warm = None
             return Outcome(live.origin, live.committed,
@@ -122,16 +122,22 @@ def _evals_delivered(engine: Engine, session: Session, live: Live, reached: int)
     return missing is None and not session.callbacks.stop_reason
 
 
-def _write(
+def _request(
     engine: Engine, doc: dict[str, Any], task: Task, reached: int, kind: CheckpointKind,
-    state: Any, stats: list[Statistic], loss: float | None, keep_lease: bool,
-) -> dict[str, Any] | None:
-    """Statistics, checkpoint (stored and verified), then the commit: the new document,
-    or None if fenced out. Runs in the writer's thread, or inline for a task's last chunk."""
-    engine._write_stats(task.session, stats)
-    engine.store.put_checkpoint(task.session, reached, str(kind), state,
-                                metrics={"loss": loss})
-    return engine._commit(doc, task, reached, keep_lease=keep_lease)
+    stats: list[Statistic], loss: float | None, keep_lease: bool,
+) -> dict[str, Any]:
+    """What `write_checkpoint` does for the chunk [task.start, reached), in plain values:
+    statistics, checkpoint, then the commit. It runs in the writer process or thread, or
+    inline for a task's last chunk."""
+    expect, update = engine.commit_change(doc, task, reached, keep_lease)
+    return {"session": task.session, "step": reached, "kind": str(kind),
+            "points": [[_text(s.phase), int(s.step), _text(s.name), float(s.value),
+                        float(s.time)] for s in stats],
+            "metrics": {"loss": loss}, "expect": expect, "update": update}
+
+
+def _text(value: Any) -> str:
+    return value if type(value) is str else str(getattr(value, "value", value))
 
 
 def settle(engine: Engine, live: Live) -> BaseException | None:

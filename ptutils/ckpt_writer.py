@@ -36,7 +36,7 @@ import torch
 
 log = logging.getLogger("ptutils.ckpt_writer")
 
-__all__ = ["CheckpointWriter", "HostSnapshot"]
+__all__ = ["CheckpointWriter", "HostSnapshot", "write_checkpoint"]
 
 _MAX_DEPTH = 64
 """Deeper than the codec accepts: left as is, so the codec's own error reports it."""
@@ -111,18 +111,88 @@ class HostSnapshot:
         return buf
 
 
+def write_checkpoint(store: Any, request: dict[str, Any], state: Any) -> dict[str, Any] | None:
+    """A chunk's write: its statistics, its checkpoint (stored and verified), then the
+    commit (the compare-and-set `request["expect"]` -> `request["update"]`): the new
+    session document, or None if fenced out. The same function runs inline (a task's
+    last chunk), in the writer thread and in the writer process (ptutils.ckpt_process);
+    `request` holds plain values only (msgpack), `state` the host copy."""
+    from ptutils.store.base import StatPoint
+
+    sid = request["session"]
+    store.write_statistics(sid, [StatPoint(*p) for p in request["points"]])
+    store.put_checkpoint(sid, request["step"], request["kind"], state,
+                         metrics=request["metrics"])
+    return store.cas_session(sid, request["expect"], request["update"])
+
+
+class _InProcess:
+    """A write in flight in the writer process, answered like a Future."""
+
+    def __init__(self, proc: Any) -> None:
+        self._proc = proc
+
+    def done(self) -> bool:
+        return self._proc.answered()
+
+    def result(self) -> Any:
+        try:
+            return self._proc.result()
+        finally:
+            self._proc.lock.release()
+
+
 class CheckpointWriter:
-    """One background thread that runs checkpoint jobs, one at a time.
+    """Runs checkpoint jobs in the background, one at a time: in the writer process
+    (`submit_write`, ptutils.ckpt_process) when it is there and free, else in one
+    background thread.
 
     `submit(job)` refuses a second job while one is in flight (the caller `wait`s
     first); `wait()` returns the job's result or raises its exception; `drain()` waits
     and swallows it (for paths that are already failing).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, url: str | None = None) -> None:
+        """`url`: the store the writes go to, as the writer process opens it (None or a
+        redacted MongoDB URL: every write runs in the thread)."""
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[Any] | None = None
+        self._pending: Future[Any] | _InProcess | None = None
         self._lock = threading.Lock()
+        self._url = url if url and ":***@" not in url else None
+        self.process_writes = 0
+        """Writes this writer handed to the writer process (the rest ran in the thread)."""
+
+    def start_process(self) -> None:
+        """Start the writer process now (it takes a second or two to be ready)."""
+        if self._url is not None:
+            from ptutils.ckpt_process import writer_process
+
+            writer_process()
+
+    def submit_write(self, store: Any, request: dict[str, Any], state: Any,
+                     snapshot: HostSnapshot) -> None:
+        """`write_checkpoint(store, request, state)` in the background: in the writer
+        process if it is ready and free and `state` lies in a SharedSnapshot's arena,
+        else in the thread."""
+        from ptutils.ckpt_process import SharedSnapshot, writer_process
+
+        if self._pending is not None:
+            raise RuntimeError("a checkpoint write is still in flight; wait() for it first")
+        shared = isinstance(snapshot, SharedSnapshot) and snapshot.shared
+        proc = writer_process() if self._url and shared else None
+        if proc is not None and proc.ready() and proc.lock.acquire(blocking=False):
+            try:
+                tree, table = snapshot.describe(state)
+                assert snapshot.arena is not None
+                proc.send({**request, "url": self._url, "tree": tree, "arrays": table,
+                           "arena": snapshot.arena.describe()})
+            except Exception:  # noqa: BLE001 - the thread writes it (and reports any error)
+                proc.lock.release()
+            else:
+                self._pending = _InProcess(proc)
+                self.process_writes += 1
+                return
+        self.submit(lambda: write_checkpoint(store, request, state))
 
     @property
     def busy(self) -> bool:

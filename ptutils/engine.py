@@ -18,6 +18,8 @@ from typing import Any
 
 from ptutils import registry
 from ptutils.chunks import Live, run_chunks, settle
+from ptutils.ckpt_process import SharedSnapshot
+from ptutils.ckpt_process import enabled as writer_process_enabled
 from ptutils.ckpt_writer import CheckpointWriter, HostSnapshot
 from ptutils.errors import CheckpointCorrupt, CheckpointNotFound, PtutilsError, StoreError
 from ptutils.group.slots import LocalSlots, Slots
@@ -147,8 +149,11 @@ class Engine:
         )
         self.chunks_per_task = max(1, int(chunks_per_task))
         self.on_commit = on_commit
-        self.writer = CheckpointWriter()
-        self.snapshot = HostSnapshot()
+        self.writer = CheckpointWriter(_writer_url(store, store_url))
+        self.snapshot: HostSnapshot = (SharedSnapshot() if writer_process_enabled()
+                                       else HostSnapshot())
+        if self.chunks_per_task > 1:
+            self.writer.start_process()  # ready by the time a chunk ends, usually
         self._warm: _Warm | None = None
         isolate_library_rngs()  # the store's client is imported by now
 
@@ -255,22 +260,26 @@ class Engine:
         """Move the session from the chunk's start to `reached`, whose checkpoint is in
         the store (CAS on step, token and lease); the new document, or None if fenced out.
         `keep_lease`: this worker goes on with the next chunk (a background write)."""
+        return self.store.cas_session(task.session,
+                                      *self.commit_change(doc, task, reached, keep_lease))
+
+    def commit_change(
+        self, doc: dict[str, Any], task: Task, reached: int, keep_lease: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(expect, update) of `_commit`'s compare-and-set: plain values, so a writer
+        process can run it."""
         plan = plan_of(doc)
         kind = plan.checkpoint_kind(reached, task.stop)
         done = reached >= plan.total_steps
-        new = self.store.cas_session(
-            task.session,
-            {"step": task.start, "token": task.token, "lease.worker": self.worker},
-            {
-                "step": reached,
-                "token": new_id(),
-                **({} if keep_lease else {"lease": None}),
-                "attempts": 0,
-                "checkpoint": {"step": reached, "kind": str(kind)},
-                "status": str(SessionStatus.COMPLETED if done else SessionStatus.RUNNING),
-            },
-        )
-        return new
+        expect = {"step": task.start, "token": task.token, "lease.worker": self.worker}
+        return expect, {
+            "step": reached,
+            "token": new_id(),
+            **({} if keep_lease else {"lease": None}),
+            "attempts": 0,
+            "checkpoint": {"step": reached, "kind": str(kind)},
+            "status": str(SessionStatus.COMPLETED if done else SessionStatus.RUNNING),
+        }
 
     def _unlease_waiting(self, doc: dict[str, Any], task: Task) -> None:
         """Release the lease of a chunk that waits (an Eval, device slots): not an attempt."""
@@ -329,9 +338,6 @@ class Engine:
         self._warm = None
         log.info("%s: %s", task, reason)
         return Outcome(task, new is not None, reason, step=task.start)
-
-    def _write_stats(self, session_id: str, stats: list[Statistic]) -> None:
-        self.store.write_statistics(session_id, stat_points(stats))
 
     def _release(self, task: Task) -> None:
         try:
@@ -585,6 +591,20 @@ def check_resize(session: Session, doc: dict[str, Any], step: int) -> None:
         "skipped or repeated), or set session.world_size back to "
         f"{saved}."
     )
+
+
+_PLAIN_STORES = {"ptutils.store.local.LocalStore", "ptutils.store.mongo.MongoStore"}
+"""Stores a writer process opens again from their URL alone."""
+
+
+def _writer_url(store: Store, store_url: str | None) -> str | None:
+    """The URL the checkpoint writer process opens `store` by; None for a store it could
+    not rebuild from one (a subclass with behaviour of its own): its writes stay in this
+    process."""
+    kind = type(store)
+    if f"{kind.__module__}.{kind.__qualname__}" not in _PLAIN_STORES:
+        return None
+    return store_url or getattr(store, "url", None)
 
 
 def _session_of(doc: dict[str, Any]) -> Session:
