@@ -26,6 +26,7 @@ How this fits the fencing of DESIGN §4 and the Celery task boundaries:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,10 +69,12 @@ def run_chunks(
     plan = plan_of(live.doc)
     start, stop, chunks = live.task.start, live.task.stop, 0
     while True:
+        began = time.monotonic()
         reached, stats = session.trainer.run(
             start, stop, callbacks=session.callbacks, history=session.history,
             stop_flag=stop_flag, progress=progress,
         )  # fmt: skip
+        trained = time.monotonic() - began
         chunks += 1
         if hb.lost:
             engine.writer.drain()
@@ -98,7 +101,7 @@ def run_chunks(
                            start, stop), reached, kind, stats,
                            session.history.last("loss"), more)  # fmt: skip
         if more:
-            engine.writer.submit_write(engine.store, request, state, engine.snapshot)
+            engine.writer.submit_write(engine.store, request, state, engine.snapshot, trained)
             start, stop = reached, plan.boundary_after(reached)
             continue
         new = write_checkpoint(engine.store, request, state)

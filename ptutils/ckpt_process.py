@@ -26,9 +26,10 @@ process:
   fails as a StoreError: the chunk after it is discarded, as for any failed write, and
   the next write starts a new process.
 - One writer process serves every Engine of this process in turn (a worker's Engines,
-  a test's, a benchmark's rounds); while it is busy with another Engine's write, or
-  still starting (importing torch takes a second or two), a write runs in the thread
-  as before. Linux only (memfd, /proc); elsewhere every write is a thread write.
+  a test's, a benchmark's rounds). It is started by the first background write of a
+  chunk that trained for at least `START_AFTER_CHUNK_S` (it costs a second or two of
+  CPU to start, importing torch: not worth it for a run of a few short chunks); while
+  it starts, or is busy with another Engine's write, a write runs in the thread. Linux only (memfd, /proc); elsewhere every write is a thread write.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ __all__ = ["SharedSnapshot", "WriterProcess", "writer_process"]
 
 DISABLE_ENV = "PTUTILS_WRITER_PROCESS"
 """Set to 0 to write every checkpoint in a thread of the training process."""
+
+START_AFTER_CHUNK_S = 0.25
+"""A chunk at least this long (seconds of training) starts the writer process."""
 
 _ALIGN = 64
 _FRAME = struct.Struct("<I")
@@ -249,18 +253,18 @@ _PROCESS: list[WriterProcess] = []
 _PROCESS_LOCK = threading.Lock()
 
 
-def writer_process() -> WriterProcess | None:
-    """This process's writer process (started now if there is none or it died); None
-    where it cannot be used."""
+def writer_process(*, start: bool = True) -> WriterProcess | None:
+    """This process's writer process (with `start`: started now if there is none or it
+    died); None where it cannot be used or is not running."""
     if not enabled():
         return None
     with _PROCESS_LOCK:
-        if not _PROCESS or not _PROCESS[0].alive:
+        if (not _PROCESS or not _PROCESS[0].alive) and start:
             try:
                 _PROCESS[:] = [WriterProcess()]
             except OSError:
                 return None
-        return _PROCESS[0]
+        return _PROCESS[0] if _PROCESS and _PROCESS[0].alive else None
 
 
 def _error(info: dict[str, Any]) -> BaseException:
@@ -365,8 +369,10 @@ def main() -> None:
     torch.set_num_threads(1)
     from ptutils.ckpt_writer import write_checkpoint
 
-    out, inp = sys.stdout.buffer, sys.stdin.buffer
-    sys.stdout = sys.stderr  # nothing else may write on the answer pipe
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(1), "wb")  # the answer pipe, private: nothing else writes on it
+    os.dup2(2, 1)  # a stray print (Python or C) goes to stderr
+    sys.stdout = sys.stderr
 
     def answer(message: dict[str, Any]) -> None:
         body = msgpack.packb(message, use_bin_type=True)

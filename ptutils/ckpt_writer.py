@@ -2,10 +2,12 @@
 
 At a chunk boundary the Engine copies the State's tensors into host buffers
 (`HostSnapshot`: reused from one checkpoint to the next, pinned when the tensors live on
-a GPU) and hands the copy to a `CheckpointWriter`, whose one thread writes the chunk's
-statistics, encodes, hashes, deduplicates and uploads the State, and only then moves the
-session to the new step (the compare-and-set of `Engine._commit`). Training goes on
-with the next chunk meanwhile.
+a GPU; its `SharedSnapshot` kind lays them out in shared memory) and hands the copy to a
+`CheckpointWriter`, which writes the chunk's statistics, encodes, hashes, deduplicates
+and uploads the State, and only then moves the session to the new step (the
+compare-and-set of `Engine.commit_change`): `write_checkpoint`, run by the writer
+process (ptutils.ckpt_process: no GIL shared with training) or, when that cannot take
+it, by one background thread. Training goes on with the next chunk meanwhile.
 
 Invariants (DESIGN §4):
 
@@ -162,24 +164,19 @@ class CheckpointWriter:
         self.process_writes = 0
         """Writes this writer handed to the writer process (the rest ran in the thread)."""
 
-    def start_process(self) -> None:
-        """Start the writer process now (it takes a second or two to be ready)."""
-        if self._url is not None:
-            from ptutils.ckpt_process import writer_process
-
-            writer_process()
-
     def submit_write(self, store: Any, request: dict[str, Any], state: Any,
-                     snapshot: HostSnapshot) -> None:
+                     snapshot: HostSnapshot, chunk_seconds: float = 0.0) -> None:
         """`write_checkpoint(store, request, state)` in the background: in the writer
         process if it is ready and free and `state` lies in a SharedSnapshot's arena,
-        else in the thread."""
-        from ptutils.ckpt_process import SharedSnapshot, writer_process
+        else in the thread. `chunk_seconds`: how long the chunk trained (a long one
+        starts the writer process if it is not running)."""
+        from ptutils.ckpt_process import START_AFTER_CHUNK_S, SharedSnapshot, writer_process
 
         if self._pending is not None:
             raise RuntimeError("a checkpoint write is still in flight; wait() for it first")
         shared = isinstance(snapshot, SharedSnapshot) and snapshot.shared
-        proc = writer_process() if self._url and shared else None
+        proc = writer_process(start=chunk_seconds >= START_AFTER_CHUNK_S) \
+            if self._url and shared else None
         if proc is not None and proc.ready() and proc.lock.acquire(blocking=False):
             try:
                 tree, table = snapshot.describe(state)

@@ -152,8 +152,6 @@ class Engine:
         self.writer = CheckpointWriter(_writer_url(store, store_url))
         self.snapshot: HostSnapshot = (SharedSnapshot() if writer_process_enabled()
                                        else HostSnapshot())
-        if self.chunks_per_task > 1:
-            self.writer.start_process()  # ready by the time a chunk ends, usually
         self._warm: _Warm | None = None
         isolate_library_rngs()  # the store's client is imported by now
 

@@ -152,3 +152,19 @@ def test_a_failed_write_in_the_writer_process_raises_its_own_error_here(tmp_path
         assert writer.process_writes == 1
         with pytest.raises(SessionNotFound, match="nope"):
             writer.wait()
+
+
+def test_a_run_of_short_chunks_never_starts_the_writer_process(tmp_path: Path) -> None:
+    """Starting the process costs a second or two of CPU: chunks of a few milliseconds
+    are written in the thread, and no process is started for them."""
+    from ptutils import ckpt_process
+
+    with ckpt_process._PROCESS_LOCK:
+        for proc in ckpt_process._PROCESS:
+            proc.close()
+        ckpt_process._PROCESS.clear()
+    cfg = digits_config(imports=[], callbacks=[], eval_every=0)
+    with LocalStore(tmp_path / "short") as store:
+        _, _, engine = run_all(store, cfg, "s")
+    assert engine.writer.process_writes == 0
+    assert writer_process(start=False) is None
