@@ -67,9 +67,21 @@ _MAX_ARENAS = 4
 """Arenas the writer process keeps mapped (each Engine has one at a time)."""
 
 
+_DISABLED: list[bool] = []
+
+
 def enabled() -> bool:
     return (sys.platform == "linux" and hasattr(os, "memfd_create")
-            and os.environ.get(DISABLE_ENV, "1") != "0")
+            and os.environ.get(DISABLE_ENV, "1") != "0" and not _DISABLED)
+
+
+def disable() -> None:
+    """No writer process for the rest of this process (it could not read our memory)."""
+    _DISABLED[:] = [True]
+
+
+class Unusable(Exception):
+    """The writer process cannot map this process's shared memory (/proc access)."""
 
 
 # --- the shared snapshot ------------------------------------------------------------
@@ -179,6 +191,7 @@ class WriterProcess:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.owner = os.getpid()  # a forked child must not share these pipes
         self._ready = False
         main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
@@ -229,6 +242,8 @@ class WriterProcess:
         """The answer to the request in flight: the new session document (None if
         fenced out), or its error raised here."""
         answer = self._recv()
+        if "unusable" in answer:
+            raise Unusable(answer["unusable"])
         if "error" in answer:
             raise _error(answer["error"])
         text = answer.get("doc")
@@ -259,6 +274,8 @@ def writer_process(*, start: bool = True) -> WriterProcess | None:
     if not enabled():
         return None
     with _PROCESS_LOCK:
+        if _PROCESS and _PROCESS[0].owner != os.getpid():
+            _PROCESS.clear()  # inherited through fork: its pipes are the parent's
         if (not _PROCESS or not _PROCESS[0].alive) and start:
             try:
                 _PROCESS[:] = [WriterProcess()]
@@ -387,8 +404,13 @@ def main() -> None:
             break  # the parent closed the pipe (or died)
         request = msgpack.unpackb(inp.read(_FRAME.unpack(head)[0]), raw=False)
         try:
+            state = _state(request, arenas)
+        except OSError as exc:  # /proc/<pid>/fd not ours to open: the parent writes it
+            answer({"unusable": f"the writer process cannot map the snapshot ({exc})"})
+            continue
+        try:
             store = stores.get(request.pop("url"))
-            doc = write_checkpoint(store, request, _state(request, arenas))
+            doc = write_checkpoint(store, request, state)
             answer({"doc": None if doc is None else json.dumps(doc, default=str)})
         except Exception as exc:  # noqa: BLE001 - handed to the parent, which decides
             answer({"error": {"type": type(exc).__name__, "message": str(exc),

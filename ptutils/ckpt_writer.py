@@ -129,19 +129,27 @@ def write_checkpoint(store: Any, request: dict[str, Any], state: Any) -> dict[st
 
 
 class _InProcess:
-    """A write in flight in the writer process, answered like a Future."""
+    """A write in flight in the writer process, answered like a Future. If the process
+    could not read the snapshot (no access to this process's shared memory), the write
+    runs here when its result is asked for, and the writer process is not used again."""
 
-    def __init__(self, proc: Any) -> None:
-        self._proc = proc
+    def __init__(self, proc: Any, store: Any, request: dict[str, Any], state: Any) -> None:
+        self._proc, self._store, self._request, self._state = proc, store, request, state
 
     def done(self) -> bool:
         return self._proc.answered()
 
     def result(self) -> Any:
+        from ptutils.ckpt_process import Unusable, disable
+
         try:
             return self._proc.result()
+        except Unusable as exc:
+            log.warning("checkpoint writes stay in this process: %s", exc)
+            disable()
         finally:
             self._proc.lock.release()
+        return write_checkpoint(self._store, self._request, self._state)
 
 
 class CheckpointWriter:
@@ -186,7 +194,7 @@ class CheckpointWriter:
             except Exception:  # noqa: BLE001 - the thread writes it (and reports any error)
                 proc.lock.release()
             else:
-                self._pending = _InProcess(proc)
+                self._pending = _InProcess(proc, store, request, state)
                 self.process_writes += 1
                 return
         self.submit(lambda: write_checkpoint(store, request, state))

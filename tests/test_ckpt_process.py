@@ -168,3 +168,43 @@ def test_a_run_of_short_chunks_never_starts_the_writer_process(tmp_path: Path) -
         _, _, engine = run_all(store, cfg, "s")
     assert engine.writer.process_writes == 0
     assert writer_process(start=False) is None
+
+
+def test_a_writer_process_that_cannot_map_the_snapshot_leaves_the_write_to_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc/<pid>/fd cannot be opened, the write is not lost: it runs here when
+    its result is asked for, and later writes stay in this process."""
+    from ptutils import ckpt_process
+    from ptutils.ckpt_writer import CheckpointWriter
+
+    ready_process()
+    real = ckpt_process.Arena.describe
+    monkeypatch.setattr(ckpt_process.Arena, "describe",
+                        lambda self: {**real(self), "fd": 10**6})  # no such descriptor
+    try:
+        with LocalStore(tmp_path / "s") as store:
+            sid = store.create_session(new_session_doc("u", {"session": {}}, "h", 9))["_id"]
+            snap, writer = SharedSnapshot(), CheckpointWriter(store.url)
+            request = {"session": sid, "step": 3, "kind": "chunk",
+                       "points": [["train", 3, "loss", 0.5, 1.0]], "metrics": {},
+                       "expect": {"step": 0}, "update": {"step": 3}}
+            writer.submit_write(store, request, snap.take({"w": torch.arange(4.0)}), snap)
+            assert writer.process_writes == 1
+            assert writer.wait()["step"] == 3
+            assert torch.equal(store.load_state(store.get_checkpoint(sid, 3))["w"],
+                               torch.arange(4.0))
+            assert [p["value"] for p in store.query_statistics(sid)] == [0.5]
+            assert not ckpt_process.enabled() and writer_process() is None
+    finally:
+        ckpt_process._DISABLED.clear()
+
+
+def test_a_forked_child_starts_its_own_writer_process() -> None:
+    """A WriterProcess inherited through fork is not used: its pipes are the parent's."""
+    proc = ready_process()
+    proc.owner = -1  # as a forked child sees it
+    try:
+        assert writer_process() is not proc
+    finally:
+        proc.close()
