@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import select
@@ -50,7 +51,7 @@ from typing import Any
 
 import torch
 
-from ptutils.ckpt_writer import HostSnapshot
+from ptutils.ckpt_writer import HostSnapshot, copyable
 from ptutils.errors import PtutilsError, StoreError
 
 __all__ = ["SharedSnapshot", "WriterProcess", "writer_process"]
@@ -102,6 +103,10 @@ class Arena:
         return {"id": self.id, "pid": os.getpid(), "fd": self.fd, "nbytes": self.nbytes}
 
     def close(self) -> None:
+        """Closes the arena's fd. The mapping is not closed here: torch.frombuffer keeps
+        the mmap object alive but holds no buffer export on it, so an explicit close would
+        unmap memory that views (a write in flight) still read; it is unmapped when the
+        last view goes."""
         self.bytes = None  # type: ignore[assignment]
         try:
             os.close(self.fd)
@@ -112,49 +117,58 @@ class Arena:
 class SharedSnapshot(HostSnapshot):
     """A HostSnapshot whose buffers are views on one shared-memory `Arena`.
 
-    When the State's layout changes (the first checkpoint, a tensor added or reshaped)
-    the buffers are laid out again in a new arena and the State is copied a second time
-    (into it); otherwise `take` is the same single copy as HostSnapshot's. A State with
-    CUDA tensors keeps HostSnapshot's pinned buffers (`shared` False): the arena is not
-    pinned, and such a State is written by the thread."""
+    `take` first walks the State without copying (its layout: path, shape and dtype of
+    every tensor); when that differs from the arena's (the first checkpoint, a tensor
+    added or reshaped) the buffers are laid out anew in a new arena. Then the State is
+    copied once, as HostSnapshot copies it, so the host memory stays one copy of the
+    State. A State with CUDA tensors keeps HostSnapshot's pinned buffers (`shared`
+    False): the arena is not pinned, and such a State is written by the thread."""
 
     def __init__(self) -> None:
         super().__init__()
         self.arena: Arena | None = None
         self.shared = False
         """Whether the State taken last lies in the arena (what the writer process reads)."""
-        self._layout: tuple[Any, ...] = ()
+        self._layout: dict[str, tuple[Any, ...]] | None = None
+        self._planning: dict[str, tuple[Any, ...]] | None = None
 
     def take(self, state: Any) -> Any:
-        out = super().take(state)
-        self.shared = not self._cuda
-        if not self.shared:
-            return out  # a GPU State: pinned buffers (HostSnapshot's), written in a thread
-        if self._layout_now() != self._layout:
-            self._relayout()
-            out = super().take(state)
-        return out
+        layout = self._plan(state)
+        if layout is None:  # a GPU State: pinned buffers (HostSnapshot's), written in a thread
+            self._layout, self.shared = None, False
+            return super().take(state)
+        if layout != self._layout:
+            self._relayout(layout)
+        self.shared = True
+        return super().take(state)
 
-    def _layout_now(self) -> tuple[Any, ...]:
-        arena = self.arena
-        if arena is None:
-            return ("none",)
-        return tuple((p, tuple(b.shape), b.dtype, b.data_ptr() - arena.base)
-                     for p, b in self._buffers.items())
+    def _plan(self, state: Any) -> dict[str, tuple[Any, ...]] | None:
+        """{path: (shape, dtype)} of the tensors `take` would copy; None if one is on a GPU."""
+        self._planning = {}
+        try:
+            self._copy(state, "state", 0)
+            layout = self._planning
+        finally:
+            self._planning = None
+        return None if any(cuda for _, _, cuda in layout.values()) else layout
 
-    def _relayout(self) -> None:
-        sizes = {p: b.nbytes for p, b in self._buffers.items()}
-        total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values())
-        old, arena = self.arena, Arena(total)
-        at = 0
-        for path, buf in list(self._buffers.items()):
-            view = arena.bytes[at:at + buf.nbytes]
-            self._buffers[path] = view.view(buf.dtype).reshape(buf.shape) if buf.nbytes \
-                else torch.empty(buf.shape, dtype=buf.dtype)
-            at += -(-buf.nbytes // _ALIGN) * _ALIGN
-        self.arena = arena
-        self.nbytes = sum(sizes.values())
-        self._layout = self._layout_now()
+    def _tensor(self, t: torch.Tensor, path: str) -> torch.Tensor:
+        if self._planning is None:
+            return super()._tensor(t, path)
+        if copyable(t):
+            self._planning[path] = (tuple(t.shape), t.dtype, t.device.type == "cuda")
+        return t
+
+    def _relayout(self, layout: dict[str, tuple[Any, ...]]) -> None:
+        sizes = {p: math.prod(shape) * dtype.itemsize for p, (shape, dtype, _) in layout.items()}
+        old, arena = self.arena, Arena(sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values()))
+        self._buffers, at = {}, 0
+        for path, (shape, dtype, _) in layout.items():
+            n = sizes[path]
+            self._buffers[path] = arena.bytes[at:at + n].view(dtype).reshape(shape) if n \
+                else torch.empty(shape, dtype=dtype)
+            at += -(-n // _ALIGN) * _ALIGN
+        self.arena, self.nbytes, self._layout = arena, sum(sizes.values()), layout
         if old is not None:
             old.close()
 
@@ -346,9 +360,7 @@ def _state(request: dict[str, Any], arenas: _Arenas) -> Any:
         if row[0] == "a":
             _, offset, dtype, shape = row
             dt = TORCH_DTYPES[dtype]
-            count = 1
-            for n in shape:
-                count *= n
+            count = math.prod(shape)
             arrays.append(arena[offset:offset + count * dt.itemsize].view(dt).reshape(shape))
         else:
             _, kind, dtype, shape, raw = row

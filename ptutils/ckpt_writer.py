@@ -49,6 +49,13 @@ _SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
 """Immutable leaves: a list of only these is copied in one go."""
 
 
+def copyable(t: torch.Tensor) -> bool:
+    """Whether a snapshot copies `t` into a host buffer (a plain dense tensor); the rest
+    is passed through for the codec to refuse with a message naming it."""
+    return (type(t) in _PLAIN and t.layout is torch.strided and not t.is_quantized
+            and not t.is_nested and not t.is_meta)
+
+
 class HostSnapshot:
     """Copies the tensors of a State into host buffers kept from one call to the next.
 
@@ -95,8 +102,7 @@ class HostSnapshot:
         return obj
 
     def _tensor(self, t: torch.Tensor, path: str) -> torch.Tensor:
-        if (type(t) not in _PLAIN or t.layout is not torch.strided or t.is_quantized
-                or t.is_nested or t.is_meta):
+        if not copyable(t):
             return t  # the codec refuses these with a message naming the tensor
         cuda = t.device.type == "cuda"
         buf = self._buffers.get(path)
@@ -163,12 +169,12 @@ class CheckpointWriter:
     """
 
     def __init__(self, url: str | None = None) -> None:
-        """`url`: the store the writes go to, as the writer process opens it (None or a
-        redacted MongoDB URL: every write runs in the thread)."""
+        """`url`: the store the writes go to, as the writer process opens it (None: every
+        write runs in the thread)."""
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[Any] | _InProcess | None = None
         self._lock = threading.Lock()
-        self._url = url if url and ":***@" not in url else None
+        self._url = url
         self.process_writes = 0
         """Writes this writer handed to the writer process (the rest ran in the thread)."""
 

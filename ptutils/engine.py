@@ -597,12 +597,17 @@ _PLAIN_STORES = {"ptutils.store.local.LocalStore", "ptutils.store.mongo.MongoSto
 
 def _writer_url(store: Store, store_url: str | None) -> str | None:
     """The URL the checkpoint writer process opens `store` by; None for a store it could
-    not rebuild from one (a subclass with behaviour of its own): its writes stay in this
-    process."""
+    not rebuild from one (a subclass with behaviour of its own, or a MongoDB URL whose
+    password was redacted): its writes stay in this process."""
     kind = type(store)
     if f"{kind.__module__}.{kind.__qualname__}" not in _PLAIN_STORES:
         return None
-    return store_url or getattr(store, "url", None)
+    url = store_url or getattr(store, "url", None)
+    if url is not None and url.startswith("mongodb"):
+        from ptutils.store.mongo_retry import is_redacted  # pymongo: loaded for this store
+
+        return None if is_redacted(url) else url
+    return url
 
 
 def _session_of(doc: dict[str, Any]) -> Session:

@@ -136,7 +136,13 @@ def test_the_shared_snapshot_is_read_back_whole_through_the_arena() -> None:
     again = snap.take({**state, "net": net.state_dict()})
     assert snap.arena is arena and torch.equal(again["net"]["weight"], net.weight)
     snap.take({**state, "extra": torch.ones(2)})
-    assert snap.arena is not arena
+    assert snap.arena is not arena and snap.nbytes == (15 + 3 + 12 + 2) * 4
+    smaller = snap.take({"net": net.state_dict()})
+    assert snap.nbytes == (15 + 3) * 4 and snap.arena.nbytes < arena.nbytes
+    low = snap.arena.base
+    for buf in snap._buffers.values():  # every host buffer is a view of the arena
+        assert low <= buf.data_ptr() < low + snap.arena.nbytes
+    assert torch.equal(smaller["net"]["bias"], net.bias)
 
 
 def test_a_failed_write_in_the_writer_process_raises_its_own_error_here(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from ptutils import codec
 from ptutils.errors import CheckpointCorrupt, StoreError, StoreUnavailable
 from ptutils.store.base import StatPoint, new_session_doc
 from ptutils.store.mongo import MongoStore, _db_name, is_transient, redact_url
+from ptutils.store.mongo_retry import is_redacted
 from ptutils.store.mongo_stats import BUCKET_STEPS
 from tests.servers import free_port, uri_with_db
 
@@ -487,6 +488,9 @@ def test_url_database_and_redaction(mongo_server: Any) -> None:
         "mongodb+srv://bob:***@cluster.example.com/x"
     )
     assert redact_url("mongodb://h:1/db") == "mongodb://h:1/db"
+    # a redacted URL is known as one (the checkpoint writer process cannot open it)
+    assert is_redacted(redact_url("mongodb://bob:pw@h:1/x"))
+    assert not is_redacted("mongodb://bob:pw@h:1/x") and not is_redacted("mongodb://h:1/db")
     assert _db_name("mongodb://h:1") == _db_name("mongodb://h:1/?w=1") == "ptutils"
     assert _db_name("mongodb://u:p@h:1/runs%2Dx?authSource=admin") == "runs-x"
     name = f"t_{time.time_ns()}"

@@ -75,6 +75,12 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
 
 
+def is_redacted(url: str) -> bool:
+    """Whether `url` is one `redact_url` wrote (its password is `***`): it cannot open the
+    store."""
+    return password_of(url) == "***"
+
+
 def password_of(url: str) -> str:
     """The password in `url` as written there (percent-encoded), or ""."""
     userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
